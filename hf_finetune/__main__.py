@@ -1,0 +1,3 @@
+from hf_finetune.cli import main
+
+raise SystemExit(main())
