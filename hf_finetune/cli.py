@@ -1,0 +1,135 @@
+"""`hf-finetune train | eval | predict | merge`: argument parsing only; the work lives in the modules it calls."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from hf_finetune.errors import InputError
+
+EPILOG = """tasks: classification
+methods: full, lora, adalora, prefix, prompt, ia3, dora
+
+examples:
+  hf-finetune train recipes/classification/sst2.yaml method.name=lora training.epochs=1 output_dir=runs/sst2
+  hf-finetune eval recipes/classification/sst2.yaml checkpoint=runs/sst2
+  hf-finetune predict recipes/classification/sst2.yaml checkpoint=runs/sst2 --input in.jsonl --output out.jsonl
+  hf-finetune merge runs/sst2 --output runs/sst2-merged
+
+exit codes: 0 done, 2 bad input (one line on stderr naming the file, key or row), 1 anything else"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hf-finetune",
+        description="Fine-tune Hugging Face checkpoints with full fine-tuning or PEFT methods on one Accelerate loop.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    overrides = {"nargs": "*", "default": [], "help": "dotted key=value overrides, e.g. training.lr=3e-4"}
+
+    train = sub.add_parser("train", help="train a recipe and write output_dir/results.json")
+    train.add_argument("recipe")
+    train.add_argument("overrides", **overrides)
+
+    evaluate = sub.add_parser("eval", help="evaluate a checkpoint on the recipe's validation (and test) split")
+    evaluate.add_argument("recipe")
+    evaluate.add_argument("overrides", **overrides, metavar="checkpoint=DIR [key=value]")
+
+    predict = sub.add_parser("predict", help="predict JSONL rows with a checkpoint")
+    predict.add_argument("recipe")
+    predict.add_argument("overrides", **overrides, metavar="checkpoint=DIR [key=value]")
+    predict.add_argument("--input", required=True, help="JSONL, one object per row with the recipe's text column(s)")
+    predict.add_argument("--output", required=True, help="JSONL written with one prediction per input row")
+
+    merge = sub.add_parser("merge", help="fold a LoRA-family adapter into a plain HF model folder")
+    merge.add_argument("checkpoint", help="a run's output_dir or its model/ folder")
+    merge.add_argument("--output", required=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return COMMANDS[args.command](args)
+    except InputError as err:
+        print(f"hf-finetune: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _split_checkpoint(overrides: list[str]) -> tuple[str, list[str]]:
+    found = [o.partition("=")[2] for o in overrides if o.startswith("checkpoint=")]
+    if not found or not found[0]:
+        raise InputError("checkpoint=DIR is required (a run's output_dir or its model/ folder)")
+    return found[0], [o for o in overrides if not o.startswith("checkpoint=")]
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from hf_finetune.engine import train
+    from hf_finetune.recipe import load_recipe
+
+    results = train(load_recipe(args.recipe, args.overrides))
+    if results.get("world_size", 1) == 1 or os.environ.get("RANK", "0") == "0":
+        print(json.dumps({"output_dir": results["recipe"]["output_dir"], **results["metrics"]}))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from hf_finetune.evaluation import evaluate_checkpoint
+    from hf_finetune.recipe import load_recipe
+
+    checkpoint, overrides = _split_checkpoint(args.overrides)
+    print(json.dumps(evaluate_checkpoint(load_recipe(args.recipe, overrides), checkpoint)))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from hf_finetune.checkpoint import load_final
+    from hf_finetune.recipe import load_recipe
+
+    checkpoint, overrides = _split_checkpoint(args.overrides)
+    rows = read_jsonl(Path(args.input))
+    task, model, tokenizer, _ = load_final(checkpoint, load_recipe(args.recipe, overrides))
+    predictions = task.predict(model, tokenizer, rows)
+    out = Path(args.output)
+    tmp = out.with_name(f".{out.name}.tmp")
+    with tmp.open("w") as f:
+        for row, pred in zip(rows, predictions, strict=True):
+            f.write(json.dumps({**row, **pred}) + "\n")
+    tmp.replace(out)
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from hf_finetune.checkpoint import load_final
+    from hf_finetune.merging import merge_checkpoint
+
+    merge_checkpoint(load_final(args.checkpoint), Path(args.output))
+    return 0
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise InputError(f"{path}: input file not found")
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise InputError(f"{path} line {number}: not valid JSON ({err.msg})") from err
+        if not isinstance(row, dict):
+            raise InputError(f"{path} line {number}: expected a JSON object")
+        rows.append(row)
+    if not rows:
+        raise InputError(f"{path}: no rows")
+    return rows
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "merge": cmd_merge}

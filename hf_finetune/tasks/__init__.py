@@ -1,0 +1,52 @@
+"""Tasks: one module per task, all implementing the same small `Task` protocol."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+from accelerate import Accelerator
+from datasets import DatasetDict
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from hf_finetune.recipe import Recipe
+
+
+class Task(Protocol):
+    peft_task_type: str
+    """PEFT's TaskType name for this task's models (e.g. SEQ_CLS)."""
+    head_modules: tuple[str, ...]
+    """Names of freshly initialised head modules that train with every method."""
+
+    def __init__(self, recipe: Recipe) -> None: ...
+
+    def prepare(self, raw: DatasetDict) -> None:
+        """Check columns and labels of every split, before any weights are loaded."""
+
+    def load_model(self, path: str) -> PreTrainedModel: ...
+
+    def preprocess(self, raw: DatasetDict, tokenizer: PreTrainedTokenizerBase) -> DatasetDict:
+        """Tokenised splits, each with a `length` column used for length-grouped batching."""
+
+    def collator(self, tokenizer: PreTrainedTokenizerBase) -> Any: ...
+
+    def evaluate(self, model: torch.nn.Module, loader: Any, accelerator: Accelerator) -> dict[str, float]:
+        """Task metrics plus `eval_loss`, each example counted once across processes."""
+
+    def predict(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, rows: list[dict]) -> list[dict]: ...
+
+    def checkpoint_info(self) -> dict[str, Any]:
+        """What a saved checkpoint needs besides weights to rebuild this task (e.g. the label set)."""
+
+    def restore(self, info: dict[str, Any]) -> None: ...
+
+
+def get_task(recipe: Recipe) -> Task:
+    from hf_finetune.tasks import classification
+
+    # keys equal the module file names and the recipe's `task` values; a test keeps them in sync
+    registry = {"classification": classification.ClassificationTask}
+    return registry[recipe.task](recipe)
+
+
+TASK_NAMES = ("classification",)
