@@ -1,0 +1,276 @@
+"""Prefix tuning (Li & Liang 2021) for models PEFT's own prefix tuning refuses: encoders and task heads.
+
+PEFT 0.21 raises "Model does not support past key values" for BERT-style encoders and every
+`*ForSequenceClassification` under transformers 5. Their attention layers still call `cache.update(k, v, layer)`
+on a `cache=` argument, so handing them a `DynamicCache` pre-filled with the learned prefix keys/values puts the
+prefix in front of the real keys/values in every layer; the 2-D attention mask is widened to cover it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PrefixTuningConfig
+from peft.tuners.prefix_tuning import PrefixEncoder
+from safetensors.torch import load_file, save_file
+from transformers import DynamicCache, PreTrainedModel
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+)
+
+from hf_finetune.errors import InputError
+
+PREFIX_CONFIG_NAME = "prefix_config.json"
+PREFIX_WEIGHTS_NAME = "prefix_model.safetensors"
+
+
+@dataclass
+class PrefixConfig:
+    num_virtual_tokens: int = 20
+    prefix_projection: bool = True  # MLP reparameterisation: training the raw prefix directly is unstable
+    encoder_hidden_size: int = 512
+    # e.g. ["classifier"]: a freshly initialised head has to train alongside the prefix
+    modules_to_save: list[str] = field(default_factory=list)
+    prefix_dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.num_virtual_tokens < 1 or self.encoder_hidden_size < 1:
+            raise InputError("prefix: num_virtual_tokens and encoder_hidden_size must be >= 1")
+        if not 0.0 <= self.prefix_dropout < 1.0:
+            raise InputError(f"prefix: prefix_dropout must be in [0, 1), got {self.prefix_dropout}")
+
+
+def _class_names(mapping: Any) -> set[str]:
+    return {n for value in mapping.values() for n in ([value] if isinstance(value, str) else value)}
+
+
+def supports_native_prefix(model: PreTrainedModel) -> bool:
+    """True when PEFT's own prefix tuning handles `model`: encoder-decoder LMs and cache-capable causal LMs."""
+    name, config = type(model).__name__, model.config
+    if name in _class_names(MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES) or name.endswith("ForSeq2SeqLM"):
+        return bool(getattr(config, "is_encoder_decoder", False))
+    if name in _class_names(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) or name.endswith("ForCausalLM"):
+        supports_cache = getattr(type(model), "_supports_default_dynamic_cache", lambda: False)()
+        return supports_cache and not getattr(model, "_is_stateful", False) and not config.is_encoder_decoder
+    return False
+
+
+def _geometry(config: Any) -> dict[str, int]:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    try:
+        layers, heads, hidden = text.num_hidden_layers, text.num_attention_heads, text.hidden_size
+    except AttributeError as e:
+        raise InputError(f"prefix: cannot read layers/heads of {type(config).__name__}: {e}") from e
+    # GQA models cache fewer key/value heads than query heads, and some set head_dim != hidden / heads.
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or hidden // heads
+    return {"num_layers": layers, "num_key_value_heads": kv_heads, "head_dim": head_dim}
+
+
+class PrefixTuningModel(torch.nn.Module):
+    def __init__(self, model: PreTrainedModel, config: PrefixConfig) -> None:
+        super().__init__()
+        name = type(model).__name__
+        if getattr(model.config, "is_encoder_decoder", False):
+            raise InputError(f"prefix: {name} is encoder-decoder; use PEFT's prefix tuning for it")
+        # Backbones without a cache argument (DistilBERT, DeBERTa-v2, ModernBERT) have nowhere to put the prefix.
+        if "cache" not in inspect.signature(model.base_model.forward).parameters:
+            raise InputError(f"prefix: {name} takes no key/value cache, so prefix tuning cannot work on it")
+        self.base_model = model
+        self.prefix_config = config
+        self.geometry = _geometry(model.config)
+        model.requires_grad_(False)
+        self._saved_modules: dict[str, torch.nn.Module] = {}
+        for target in config.modules_to_save:
+            hits = {n: m for n, m in model.named_modules() if n == target or n.endswith("." + target)}
+            if not hits:
+                raise InputError(f"prefix: modules_to_save entry {target!r} matches no module of {name}")
+            self._saved_modules.update(hits)
+        # A module inside another saved one is covered by it; saving both would store shared tensors twice.
+        saved = self._saved_modules
+        self._saved_modules = {
+            n: m for n, m in saved.items() if not any(n.startswith(f"{o}.") for o in saved)
+        }
+        for module in self._saved_modules.values():
+            module.requires_grad_(True)
+        g = self.geometry
+        # PEFT's PrefixEncoder is exactly the embedding(+MLP) we need: (B, P) -> (B, P, layers * 2 * kv_dim).
+        self.prefix_encoder = PrefixEncoder(
+            PrefixTuningConfig(
+                num_virtual_tokens=config.num_virtual_tokens,
+                token_dim=g["num_key_value_heads"] * g["head_dim"],
+                num_layers=g["num_layers"],
+                num_attention_heads=g["num_key_value_heads"],
+                encoder_hidden_size=config.encoder_hidden_size,
+                prefix_projection=config.prefix_projection,
+                inference_mode=False,
+            )
+        )
+        self.prefix_dropout = torch.nn.Dropout(config.prefix_dropout)
+        param = next(model.parameters(), None)
+        if param is not None:
+            self.prefix_encoder.to(param.device)
+        # RoBERTa-style embeddings number positions from padding_idx + 1 skipping pads, not from 0.
+        # A tuple, so the embeddings module is not registered (and saved) a second time under this wrapper.
+        self._roberta_positions = tuple(
+            m
+            for m in model.modules()
+            if hasattr(m, "create_position_ids_from_input_ids") and hasattr(m, "padding_idx")
+        )[:1]
+        self.train(model.training)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":  # not set yet: avoid infinite recursion during __init__
+                raise
+            return getattr(self.base_model, name)
+
+    @property
+    def config(self) -> Any:
+        return self.base_model.config
+
+    def get_base_model(self) -> PreTrainedModel:
+        return self.base_model
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        params = list(self.parameters())
+        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        share = 100 * trainable / total
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}")
+
+    def _cache(self, batch_size: int, dtype: torch.dtype) -> DynamicCache:
+        g, p = self.geometry, self.prefix_config.num_virtual_tokens
+        tokens = torch.arange(p, device=self.prefix_encoder.embedding.weight.device).unsqueeze(0)
+        # One prefix for the whole batch, expanded rather than recomputed per row; PEFT's layout, so
+        # (layers * 2, 1, kv_heads, P, head_dim) holds layer i's keys at 2i and its values at 2i + 1.
+        kv = self.prefix_encoder(tokens).to(dtype)
+        kv = kv.view(1, p, g["num_layers"] * 2, g["num_key_value_heads"], g["head_dim"])
+        kv = kv.permute(2, 0, 3, 1, 4)
+        kv = self.prefix_dropout(kv.expand(-1, batch_size, -1, -1, -1))
+        cache = DynamicCache(config=self.base_model.config)
+        for layer in range(g["num_layers"]):
+            cache.update(kv[2 * layer], kv[2 * layer + 1], layer)
+        return cache
+
+    def _build_inputs(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """The base model's kwargs: the prefix cache, the widened mask and explicit positions."""
+        if "cache" in kwargs or "past_key_values" in kwargs:
+            raise ValueError("PrefixTuningModel builds the key/value cache itself; do not pass one")
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        ref = input_ids if input_ids is not None else inputs_embeds
+        batch, length, device = ref.shape[0], ref.shape[1], ref.device
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, length, dtype=torch.long, device=device)
+        if attention_mask.dim() != 2:
+            raise ValueError("prefix tuning needs a 2-D attention_mask (batch, seq_len) so it can be widened")
+        prefix_mask = attention_mask.new_ones(batch, self.prefix_config.num_virtual_tokens)
+        if position_ids is None:
+            # Without explicit positions the model starts counting after the cached prefix.
+            emb = self._roberta_positions[0] if self._roberta_positions else None
+            if emb is not None and input_ids is not None:
+                position_ids = emb.create_position_ids_from_input_ids(input_ids, emb.padding_idx)
+            elif emb is not None:
+                position_ids = emb.create_position_ids_from_inputs_embeds(inputs_embeds, emb.padding_idx)
+            else:
+                position_ids = torch.arange(length, device=device).unsqueeze(0).expand(batch, -1)
+        if torch.is_autocast_enabled(device.type):
+            dtype = torch.get_autocast_dtype(device.type)
+        else:
+            floats = (p.dtype for p in self.base_model.parameters() if p.is_floating_point())
+            dtype = next(floats, torch.float32)
+        inputs = {
+            "input_ids": input_ids,
+            "inputs_embeds": inputs_embeds,
+            "token_type_ids": token_type_ids,
+            "attention_mask": torch.cat([prefix_mask, attention_mask], dim=1),
+            "position_ids": position_ids,
+            "cache": self._cache(batch, dtype),
+            **kwargs,
+        }
+        # Heads without token_type_ids (or whatever the caller left None) must not receive the key at all.
+        return {k: v for k, v in inputs.items() if v is not None}
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        if self.training and getattr(self.base_model, "is_gradient_checkpointing", False):
+            # Checkpointed layers are called with cache=None, which would silently drop the prefix.
+            raise InputError("prefix tuning cannot be combined with gradient checkpointing")
+        inputs = self._build_inputs(
+            input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, **kwargs
+        )
+        if labels is not None:
+            inputs["labels"] = labels
+        cache, prefix_len = inputs["cache"], self.prefix_config.num_virtual_tokens
+        outputs = self.base_model(**inputs)
+        # A model that accepts `cache` but never updates it would train a prefix that is never attended to.
+        if cache.get_seq_length(0) == prefix_len:
+            raise InputError(f"prefix: {type(self.base_model).__name__} ignored the prefix key/value cache")
+        return outputs
+
+    def _trainable_state(self) -> dict[str, torch.Tensor]:
+        state = {f"prefix_encoder.{k}": v for k, v in self.prefix_encoder.state_dict().items()}
+        for name, module in self._saved_modules.items():
+            state.update(module.state_dict(prefix=f"modules_to_save.{name}."))
+        return state
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        out = Path(save_directory)
+        out.mkdir(parents=True, exist_ok=True)
+        meta = {**asdict(self.prefix_config), "base_model_name_or_path": self.base_model.name_or_path}
+        meta.update(self.geometry)  # lets from_pretrained refuse a base model of another shape
+        (out / PREFIX_CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self._trainable_state().items()}
+        save_file(tensors, str(out / PREFIX_WEIGHTS_NAME), metadata={"format": "pt"})
+
+    @classmethod
+    def from_pretrained(cls, model: PreTrainedModel, path: str | os.PathLike) -> PrefixTuningModel:
+        config_file, weights_file = Path(path) / PREFIX_CONFIG_NAME, Path(path) / PREFIX_WEIGHTS_NAME
+        for f in (config_file, weights_file):
+            if not f.is_file():
+                raise InputError(f"{f}: not found; was {path} written by PrefixTuningModel.save_pretrained?")
+        meta = json.loads(config_file.read_text())
+        config = PrefixConfig(**{f.name: meta[f.name] for f in fields(PrefixConfig) if f.name in meta})
+        wrapped = cls(model, config)
+        mismatched = {k: (meta[k], v) for k, v in wrapped.geometry.items() if k in meta and meta[k] != v}
+        if mismatched:
+            raise InputError(f"{config_file}: saved for another model geometry (saved, given): {mismatched}")
+        loaded, expected = load_file(str(weights_file)), wrapped._trainable_state()
+        missing, unexpected = sorted(expected.keys() - loaded.keys()), sorted(loaded.keys() - expected.keys())
+        reshaped = sorted(k for k, v in loaded.items() if k in expected and v.shape != expected[k].shape)
+        if missing or unexpected or reshaped:
+            raise InputError(
+                f"{weights_file}: missing keys {missing}, unexpected keys {unexpected}, wrong shapes {reshaped}"
+            )
+        with torch.no_grad():
+            for key, value in loaded.items():
+                expected[key].copy_(value)  # state_dict tensors share storage with the live parameters
+        return wrapped
