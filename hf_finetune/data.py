@@ -78,6 +78,8 @@ def _load_local(path: Path, split_name: str | None, where: str) -> Dataset:
         return datasets.load_dataset(BUILDERS[suffix], data_files=[str(f) for f in files], split="train", **kwargs)
     except Exception as err:  # pyarrow/json parse errors: report the file, not a traceback
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if "corresponds to no data" in message:
+            raise InputError(f"{where}: split is empty ({path})") from err
         raise InputError(f"{path}: cannot be parsed as {BUILDERS[suffix]}: {message}") from err
 
 

@@ -252,6 +252,12 @@ def _coerce(hint: Any, value: Any, dotted: str, problems: list[str]) -> Any:
             problems.append(f"'{dotted}': expected an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads `3e-4` (no dot) as a string; every user writes learning rates that way
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, int | float):
             problems.append(f"'{dotted}': expected a number, got {value!r}")
             return value

@@ -21,7 +21,7 @@ from peft import (
     get_peft_model,
 )
 
-from hf_finetune.methods.defaults import METHOD_DEFAULTS
+from hf_finetune.methods.defaults import ALL_LINEAR, METHOD_DEFAULTS
 from hf_finetune.methods.prefix import PrefixConfig, PrefixTuningModel, supports_native_prefix
 from hf_finetune.recipe import MethodConfig
 
@@ -46,9 +46,13 @@ def resolve_method(method: MethodConfig, total_steps: int) -> MethodConfig:
     return dataclasses.replace(MethodConfig(), **{**filled, **given})
 
 
-def build_peft_config(method: MethodConfig, task_type: str, total_steps: int) -> PeftConfig | None:
-    """PEFT's config for `method` (already resolved), or None for full fine-tuning and our own prefix tuning."""
-    common = {"task_type": task_type}
+def build_peft_config(
+    method: MethodConfig, task_type: str, total_steps: int, heads: list[str] | None = None
+) -> PeftConfig | None:
+    """PEFT's config for `method` (already resolved), or None for full fine-tuning.
+
+    `heads` are the task's freshly initialised (or never task-trained) modules, trained in full with every method."""
+    common = {"task_type": task_type, "modules_to_save": heads or None}
     lora_like = {
         "r": method.r,
         "lora_alpha": method.alpha,
@@ -106,10 +110,15 @@ def apply_method(
     head_modules: tuple[str, ...],
     total_steps: int,
 ) -> tuple[torch.nn.Module, StepHook | None]:
+    names = [name for name, _ in model.named_modules()]
+    heads = [h for h in head_modules if any(n == h or n.endswith(f".{h}") for n in names)]
+    if method.target_modules == ALL_LINEAR:
+        # adapters on every linear layer already reach the pooler; training it in full as well hurt LoRA on SST-2
+        # (0.78 -> 0.72 at lr 2e-3)
+        heads = [h for h in heads if h != "pooler"]
     if method.name == "prefix" and not supports_native_prefix(model):
         # PEFT 0.21 refuses prefix tuning on encoders and *ForSequenceClassification ("Model does not support past
         # key values"), so these go through our own cache-based prefix module.
-        heads = [h for h in head_modules if hasattr(model, h)]
         config = PrefixConfig(
             num_virtual_tokens=method.num_virtual_tokens,
             prefix_projection=method.prefix_projection,
@@ -117,7 +126,7 @@ def apply_method(
             modules_to_save=heads,
         )
         return PrefixTuningModel(model, config), None
-    peft_config = build_peft_config(method, task_type, total_steps)
+    peft_config = build_peft_config(method, task_type, total_steps, heads)
     if peft_config is None:
         return model, None
     peft_model = get_peft_model(model, peft_config)

@@ -1,0 +1,92 @@
+"""Offline fixtures: a tiny BERT built from a config with a WordPiece tokenizer trained here, and a learnable
+synthetic classification data set."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import BertWordPieceTokenizer
+from transformers import BertConfig, BertModel, BertTokenizer
+
+WORDS = "the a movie film plot actor scene story was is very quite rather really and but so this that it".split()
+CUES = {"pos": "good great wonderful".split(), "neg": "bad awful boring".split()}
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    torch.set_num_threads(1)  # tiny models: threads cost more than they give on a shared 2-core machine
+
+
+def sentences(n: int, seed: int) -> list[dict]:
+    """Sentences whose label is the polarity of the cue words they contain, learnable even through the frozen
+    random features of a tiny model (cues make up about half of the words), and not by length."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.choice(["neg", "pos"])
+        words = rng.choices(WORDS, k=rng.randint(2, 6))
+        for _ in range(rng.randint(2, 4)):
+            words.insert(rng.randrange(len(words) + 1), rng.choice(CUES[label]))
+        rows.append({"sentence": " ".join(words), "label": label})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer, 32-wide BERT saved as a plain HF folder, tokenizer trained on the synthetic corpus."""
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    trainer = BertWordPieceTokenizer(lowercase=True)
+    corpus = [r["sentence"] for r in sentences(500, seed=0)]
+    trainer.train_from_iterator(corpus, vocab_size=120, min_frequency=1)
+    tokenizer = BertTokenizer(vocab=trainer.get_vocab())
+    tokenizer.save_pretrained(folder)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(folder)
+    return folder
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    write_jsonl(tmp_path / "train.jsonl", sentences(256, seed=1))
+    write_jsonl(tmp_path / "validation.jsonl", sentences(64, seed=2))
+    return tmp_path
+
+
+def tiny_recipe(model: Path, data: Path, out: Path, **extra: object) -> dict:
+    """A recipe dict for the tiny model and synthetic data; `extra` holds dotted overrides."""
+    from hf_finetune.recipe import apply_override
+
+    raw: dict = {
+        "task": "classification",
+        "model": {"name_or_path": str(model)},
+        "data": {
+            "train": {"path": str(data / "train.jsonl")},
+            "validation": {"path": str(data / "validation.jsonl")},
+            "columns": {"text": "sentence", "label": "label"},
+        },
+        "training": {"epochs": 3, "batch_size": 16, "max_length": 32, "logging_every": 4, "warmup_ratio": 0.0},
+        "output_dir": str(out),
+    }
+    for key, value in extra.items():
+        apply_override(raw, f"{key}={json.dumps(value)}")
+    return raw
