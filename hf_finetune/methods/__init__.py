@@ -124,6 +124,7 @@ def apply_method(
             prefix_projection=method.prefix_projection,
             encoder_hidden_size=method.encoder_hidden_size,
             modules_to_save=heads,
+            prefix_dropout=method.dropout or 0.0,
         )
         return PrefixTuningModel(model, config), None
     peft_config = build_peft_config(method, task_type, total_steps, heads)
