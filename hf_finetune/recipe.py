@@ -115,8 +115,8 @@ class TrainingConfig:
     lr: float | None = None
     """Peak learning rate (default: the method's own)."""
     weight_decay: float = 0.01
-    warmup_ratio: float = 0.06
-    """Fraction of optimizer steps spent warming up linearly."""
+    warmup_ratio: float = 0.1
+    """Fraction of optimizer steps spent warming up linearly (10%, as in BERT; short LoRA runs need it)."""
     scheduler: Scheduler = "linear"
     max_grad_norm: float | None = 1.0
     """Clip the global gradient norm (null: no clipping)."""

@@ -18,10 +18,12 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     # Full fine-tuning: BERT paper (Devlin et al. 2019) searches 2e-5..5e-5 for BERT-base; a 6-layer, 384-wide MiniLM
     # takes a larger step (MiniLM paper, Wang et al. 2020, uses up to 1e-4 on GLUE).
     "full": {"lr": 1e-4},
-    # LoRA: alpha = 2r (common practice, e.g. the PEFT LoRA guides); lr 2e-3 for r=16 on every linear of MiniLM.
-    "lora": {"lr": 2e-3, "r": 16, "alpha": 32, "dropout": 0.05, "target_modules": ALL_LINEAR},
+    # LoRA: alpha = 2r (common practice, e.g. the PEFT LoRA guides). Measured on SST-2/MiniLM, 4,000 examples,
+    # batch 16, warmup 10%: r=16 lr 2e-3 0.78, r=16 lr 1e-3 0.79, r=32 lr 1e-3 0.83; lr >= 2e-3 at r=32 and
+    # 5e-3 at r=16 diverged to chance.
+    "lora": {"lr": 1e-3, "r": 32, "alpha": 64, "dropout": 0.05, "target_modules": ALL_LINEAR},
     # DoRA (Liu et al. 2024): LoRA's settings with weight decomposition; the paper uses LoRA's lr or half of it.
-    "dora": {"lr": 1e-3, "r": 16, "alpha": 32, "dropout": 0.05, "target_modules": ALL_LINEAR},
+    "dora": {"lr": 1e-3, "r": 32, "alpha": 64, "dropout": 0.05, "target_modules": ALL_LINEAR},
     # AdaLoRA (Zhang et al. 2023, Table 10 for GLUE): init_r 12 pruned to an average of 8, beta1 = beta2 = 0.85,
     # orth_reg_weight 0.1; tinit/tfinal/deltaT given there in steps for long runs, here as fractions of this run's
     # steps. Its budget schedule starves short runs at the paper's lr (8e-4 collapsed to chance in 125 steps);
