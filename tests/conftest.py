@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from tokenizers import BertWordPieceTokenizer
-from transformers import BertConfig, BertModel, BertTokenizer
+from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizer
 
 WORDS = "the a movie film plot actor scene story was is very quite rather really and but so this that it".split()
 CUES = {"pos": "good great wonderful".split(), "neg": "bad awful boring".split()}
@@ -90,3 +90,25 @@ def tiny_recipe(model: Path, data: Path, out: Path, **extra: object) -> dict:
     for key, value in extra.items():
         apply_override(raw, f"{key}={json.dumps(value)}")
     return raw
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_pretrained(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny BERT after a short supervised warm-up on the synthetic cues, saved without its head: methods that
+    freeze the body (prefix, prompt, IA3) need features that carry the signal, as a real checkpoint's do."""
+    folder = tmp_path_factory.mktemp("tiny-bert-pretrained")
+    tokenizer = BertTokenizer.from_pretrained(tiny_bert)
+    torch.manual_seed(0)
+    model = BertForSequenceClassification.from_pretrained(tiny_bert, num_labels=2).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    rows = sentences(512, seed=3)  # not the tests' train/validation rows
+    for step in range(96):
+        chunk = [rows[(step * 16 + i) % len(rows)] for i in range(16)]
+        batch = tokenizer([r["sentence"] for r in chunk], padding=True, return_tensors="pt")
+        labels = torch.tensor([int(r["label"] == "pos") for r in chunk])
+        model(**batch, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.bert.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

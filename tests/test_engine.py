@@ -17,7 +17,7 @@ from hf_finetune.merging import merge_checkpoint
 from hf_finetune.recipe import recipe_from_dict
 
 # learning rates for a randomly initialised 32-wide model, larger than the defaults tuned for MiniLM
-LRS = {"full": 1e-3, "lora": 1e-2, "adalora": 2e-2, "prefix": 1e-2, "prompt": 3e-2, "ia3": 2e-2, "dora": 1e-2}
+LRS = {"full": 1e-3, "lora": 1e-2, "adalora": 2e-2, "prefix": 1e-3, "prompt": 1e-2, "ia3": 1e-2, "dora": 1e-2}
 # the parameters each method may train; everything else must stay bit-identical
 TRAINABLE = {
     "full": ("",),
@@ -59,8 +59,9 @@ def logits_of(model: torch.nn.Module, tokenizer, texts: list[str]) -> torch.Tens
 
 @pytest.mark.parametrize("method", list(LRS))
 def test_method_trains_only_its_parameters_and_reloads(
-    method: str, tiny_bert: Path, data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    method: str, tiny_bert_pretrained: Path, data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    tiny_bert = tiny_bert_pretrained
     out = tmp_path / "run"
     raw = tiny_recipe(tiny_bert, data_dir, out, **{"method.name": method, "training.lr": LRS[method]})
     results, model, before = train_capturing(monkeypatch, raw)
@@ -72,9 +73,12 @@ def test_method_trains_only_its_parameters_and_reloads(
 
     allowed = TRAINABLE[method]
     for name, param in model.named_parameters():
-        intended = any(key in name for key in allowed)
+        # PEFT keeps a frozen copy of each fully trained head module beside the trained one
+        intended = any(key in name for key in allowed) and "original_module" not in name
         assert param.requires_grad == intended, name
         changed = not torch.equal(param.detach(), before[name])
+        if method == "adalora" and "lora_E" in name and not param.any():
+            continue  # every rank of this module pruned by the budget: E is back at its zero init, as it should be
         assert changed == intended, f"{name}: changed={changed}, intended={intended}"
     assert results["trainable_params"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
 

@@ -115,7 +115,7 @@ def apply_method(
     if method.target_modules == ALL_LINEAR:
         # adapters on every linear layer already reach the pooler; training it in full as well hurt LoRA on SST-2
         # (0.78 -> 0.72 at lr 2e-3)
-        heads = [h for h in heads if h != "pooler"]
+        heads = [h for h in heads if not h.startswith("pooler")]
     if method.name == "prefix" and not supports_native_prefix(model):
         # PEFT 0.21 refuses prefix tuning on encoders and *ForSequenceClassification ("Model does not support past
         # key values"), so these go through our own cache-based prefix module.

@@ -24,8 +24,9 @@ from hf_finetune.recipe import Recipe
 class ClassificationTask:
     peft_task_type = "SEQ_CLS"
     # BERT's pooler counts as head: sentence-embedding checkpoints such as all-MiniLM-L6-v2 never trained it (they
-    # mean-pool), so with it frozen a prefix or prompt has to work through a random projection (0.51 on SST-2).
-    head_modules = ("pooler", "classifier", "score")
+    # mean-pool), so with it frozen a prefix or prompt has to work through a random projection. Its Linear, not the
+    # BertPooler module, because PEFT's IA3 merge can only unwrap modules that have a weight.
+    head_modules = ("pooler.dense", "classifier", "score")
 
     def __init__(self, recipe: Recipe) -> None:
         self.recipe = recipe
