@@ -27,7 +27,7 @@ demo: setup
 		data.train.max_samples=8000 training.epochs=1 output_dir=runs/demo
 
 test: setup
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests -q
 
 lint: setup
 	$(VENV)/bin/ruff check hf_finetune tests scripts

@@ -47,6 +47,8 @@ def train(recipe: Recipe) -> dict[str, Any]:
 
     model_path = resolve_model(recipe.model.name_or_path, recipe.model.revision)
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=recipe.model.trust_remote_code)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # GPT-style tokenizers ship without one; batches need padding
     with accelerator.main_process_first():  # one process tokenises, the others read datasets' cache
         encoded = task.preprocess(raw, tokenizer)
     train_set = encoded["train"]
@@ -82,6 +84,8 @@ def train(recipe: Recipe) -> dict[str, Any]:
     resolved = {**recipe.to_dict(), "method": method.__dict__, "training": {**t.__dict__, "lr": lr}}
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
+        if not t.resume:
+            (out / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh log
         (out / "recipe.resolved.json").write_text(json.dumps(resolved, indent=2))
     accelerator.init_trackers("tensorboard")
     log = checkpoint.MetricsLog(out / "metrics.jsonl", accelerator)

@@ -115,10 +115,13 @@ def test_adalora_reallocates_ranks(tiny_bert: Path, data_dir: Path, tmp_path: Pa
     assert saved["rank_pattern"], "the rank pattern was not saved with the adapter"
 
 
-def test_resume_continues_from_latest_checkpoint(tiny_bert: Path, data_dir: Path, tmp_path: Path) -> None:
-    overrides = {"method.name": "lora", "training.lr": 1e-2, "training.save_every": 8}
+def test_periodic_eval_save_and_resume(tiny_bert: Path, data_dir: Path, tmp_path: Path) -> None:
+    overrides = {"method.name": "lora", "training.lr": 1e-2, "training.save_every": 8, "training.eval_every": 16}
     raw = tiny_recipe(tiny_bert, data_dir, tmp_path / "run", **overrides)
     first = engine.train(recipe_from_dict(raw))
+    log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    eval_steps = [r["step"] for r in log if "validation/accuracy" in r]
+    assert eval_steps == [16, 32, 48] and first["steps"] == 48
     checkpoints = sorted((tmp_path / "run" / "checkpoints").glob("step_*"))
     assert [c.name for c in checkpoints][-1] == f"step_{first['steps'] // 8 * 8:08d}"
     raw["training"]["resume"] = True
