@@ -81,7 +81,12 @@ def save_final(
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    info = {"task": recipe.task, "method": method, "base_model": recipe.model.name_or_path, "recipe": recipe.to_dict()}
+    info = {
+        "task": recipe.task,
+        "method": method,
+        "base_model": recipe.model.name_or_path,
+        "recipe": recipe.to_dict(),
+    }
     (tmp / INFO_NAME).write_text(json.dumps({**info, **task.checkpoint_info()}, indent=2, default=str))
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
@@ -93,7 +98,9 @@ def find_model_dir(path: str | Path) -> Path:
     for candidate in (path, path / "model"):
         if (candidate / INFO_NAME).exists():
             return candidate
-    raise InputError(f"checkpoint: {path} holds no {INFO_NAME} (expected a run's output_dir or its model/ folder)")
+    raise InputError(
+        f"checkpoint: {path} holds no {INFO_NAME} (expected a run's output_dir or its model/ folder)"
+    )
 
 
 def load_final(path: str | Path, recipe: Recipe | None = None) -> tuple[Task, torch.nn.Module, Any, dict]:

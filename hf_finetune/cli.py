@@ -36,14 +36,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("recipe")
     train.add_argument("overrides", **overrides)
 
-    evaluate = sub.add_parser("eval", help="evaluate a checkpoint on the recipe's validation (and test) split")
+    evaluate = sub.add_parser(
+        "eval", help="evaluate a checkpoint on the recipe's validation (and test) split"
+    )
     evaluate.add_argument("recipe")
     evaluate.add_argument("overrides", **overrides, metavar="checkpoint=DIR [key=value]")
 
     predict = sub.add_parser("predict", help="predict JSONL rows with a checkpoint")
     predict.add_argument("recipe")
     predict.add_argument("overrides", **overrides, metavar="checkpoint=DIR [key=value]")
-    predict.add_argument("--input", required=True, help="JSONL, one object per row with the recipe's text column(s)")
+    predict.add_argument(
+        "--input", required=True, help="JSONL, one object per row with the recipe's text column(s)"
+    )
     predict.add_argument("--output", required=True, help="JSONL written with one prediction per input row")
 
     merge = sub.add_parser("merge", help="fold a LoRA-family adapter into a plain HF model folder")

@@ -13,7 +13,14 @@ from hf_finetune.recipe import DataConfig, SplitConfig
 
 SPLITS = ("train", "validation", "test")
 # datasets' packaged builders, keyed by the file suffixes they read
-BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
+BUILDERS = {
+    ".csv": "csv",
+    ".tsv": "csv",
+    ".json": "json",
+    ".jsonl": "json",
+    ".parquet": "parquet",
+    ".txt": "text",
+}
 
 
 def data_roots() -> list[Path]:
@@ -42,14 +49,20 @@ def load_split(split: SplitConfig, where: str) -> Dataset:
     local = resolve_path(split.path) if split.path else None
     if split.path and local is None and split.name is None:
         roots = ", ".join(str(r) for r in data_roots())
-        raise InputError(f"{where}.path: {split.path} not found (looked in the working directory and {roots})")
+        raise InputError(
+            f"{where}.path: {split.path} not found (looked in the working directory and {roots})"
+        )
     if local is not None:
         dataset = _load_local(local, split.split, where)
     else:
         try:
-            dataset = datasets.load_dataset(split.name, split.config, split=split.split or where.rsplit(".", 1)[-1])
+            dataset = datasets.load_dataset(
+                split.name, split.config, split=split.split or where.rsplit(".", 1)[-1]
+            )
         except Exception as err:  # the Hub raises many types; all mean "this name cannot be had here"
-            raise InputError(f"{where}: could not load Hub dataset {split.name!r}: {str(err).splitlines()[0]}") from err
+            raise InputError(
+                f"{where}: could not load Hub dataset {split.name!r}: {str(err).splitlines()[0]}"
+            ) from err
     if split.max_samples is not None:
         dataset = dataset.select(range(min(split.max_samples, len(dataset))))
     if len(dataset) == 0:
@@ -75,7 +88,9 @@ def _load_local(path: Path, split_name: str | None, where: str) -> Dataset:
     suffix = files[0].suffix
     kwargs = {"delimiter": "\t"} if suffix == ".tsv" else {}
     try:
-        return datasets.load_dataset(BUILDERS[suffix], data_files=[str(f) for f in files], split="train", **kwargs)
+        return datasets.load_dataset(
+            BUILDERS[suffix], data_files=[str(f) for f in files], split="train", **kwargs
+        )
     except Exception as err:  # pyarrow/json parse errors: report the file, not a traceback
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         if "corresponds to no data" in message:
@@ -95,7 +110,11 @@ def load_splits(config: DataConfig) -> DatasetDict:
 
 def require_columns(dataset: Dataset, columns: dict[str, str | None], split: str) -> None:
     """Raise one error naming every recipe column key that does not exist in the split."""
-    missing = [f"data.columns.{key}={col!r}" for key, col in columns.items() if col and col not in dataset.column_names]
+    missing = [
+        f"data.columns.{key}={col!r}"
+        for key, col in columns.items()
+        if col and col not in dataset.column_names
+    ]
     if missing:
         raise InputError(
             f"data.{split}: column(s) {', '.join(missing)} not found; the split has {', '.join(dataset.column_names)}"

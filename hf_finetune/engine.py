@@ -18,7 +18,7 @@ from transformers import AutoTokenizer, get_scheduler
 from hf_finetune import checkpoint
 from hf_finetune.data import load_splits
 from hf_finetune.hub import resolve_model
-from hf_finetune.methods import apply_method, default_lr, resolve_method
+from hf_finetune.methods import apply_method, build_optimizer, default_lr, resolve_method
 from hf_finetune.recipe import Recipe
 from hf_finetune.sampling import LengthGroupedSampler, sorted_by_length
 from hf_finetune.system import choose_precision, peak_memory_mb, versions
@@ -48,7 +48,9 @@ def train(recipe: Recipe) -> dict[str, Any]:
     model_path = resolve_model(recipe.model.name_or_path, recipe.model.revision)
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=recipe.model.trust_remote_code)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token  # GPT-style tokenizers ship without one; batches need padding
+        tokenizer.pad_token = (
+            tokenizer.eos_token
+        )  # GPT-style tokenizers ship without one; batches need padding
     with accelerator.main_process_first():  # one process tokenises, the others read datasets' cache
         encoded = task.preprocess(raw, tokenizer)
     train_set = encoded["train"]
@@ -65,8 +67,12 @@ def train(recipe: Recipe) -> dict[str, Any]:
     trainable, total = count_parameters(model)
 
     collate = task.collator(tokenizer)
-    sampler = LengthGroupedSampler(train_set["length"], t.batch_size * t.grad_accum, t.seed, t.group_by_length)
-    train_loader = DataLoader(train_set.remove_columns("length"), t.batch_size, sampler=sampler, collate_fn=collate)
+    sampler = LengthGroupedSampler(
+        train_set["length"], t.batch_size * t.grad_accum, t.seed, t.group_by_length
+    )
+    train_loader = DataLoader(
+        train_set.remove_columns("length"), t.batch_size, sampler=sampler, collate_fn=collate
+    )
     eval_loaders = {
         split: DataLoader(
             sorted_by_length(encoded[split]), t.eval_batch_size or 2 * t.batch_size, collate_fn=collate
@@ -74,9 +80,12 @@ def train(recipe: Recipe) -> dict[str, Any]:
         for split in ("validation", "test")
         if split in encoded
     }
-    optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=lr)
+    optimizer = build_optimizer(model, method, lr, t.weight_decay)
     scheduler = get_scheduler(
-        t.scheduler, optimizer, num_warmup_steps=int(t.warmup_ratio * total_steps), num_training_steps=total_steps
+        t.scheduler,
+        optimizer,
+        num_warmup_steps=int(t.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
     )
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
     eval_loaders = {k: accelerator.prepare(v) for k, v in eval_loaders.items()}
@@ -93,8 +102,12 @@ def train(recipe: Recipe) -> dict[str, Any]:
     step, skip = 0, 0
     if t.resume:
         step = checkpoint.load_latest(accelerator, out)
-        skip = (step * t.grad_accum) % len(train_loader)  # micro-batches of the interrupted epoch already seen
-    progress = tqdm(total=total_steps, initial=step, disable=not accelerator.is_local_main_process, desc="train")
+        skip = (step * t.grad_accum) % len(
+            train_loader
+        )  # micro-batches of the interrupted epoch already seen
+    progress = tqdm(
+        total=total_steps, initial=step, disable=not accelerator.is_local_main_process, desc="train"
+    )
     model.train()
     samples, micro_batches = 0, 0
     running_loss = torch.zeros((), device=accelerator.device)
@@ -120,7 +133,9 @@ def train(recipe: Recipe) -> dict[str, Any]:
             running_loss += loss.detach()
             micro_batches += 1
             samples += batch["input_ids"].shape[0]
-            tokens += batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel()
+            tokens += (
+                batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel()
+            )
             if not accelerator.sync_gradients:
                 continue
             step += 1
@@ -132,7 +147,12 @@ def train(recipe: Recipe) -> dict[str, Any]:
                 micro_batches = 0
                 log.write({"step": step, "epoch": epoch, "loss": mean_loss, "lr": scheduler.get_last_lr()[0]})
                 progress.set_postfix(loss=f"{mean_loss:.4f}")
-            if t.eval_every and step % t.eval_every == 0 and step < total_steps and "validation" in eval_loaders:
+            if (
+                t.eval_every
+                and step % t.eval_every == 0
+                and step < total_steps
+                and "validation" in eval_loaders
+            ):
                 last_eval = task.evaluate(model, eval_loaders["validation"], accelerator)
                 log.write({"step": step, **{f"validation/{k}": v for k, v in last_eval.items()}})
             if t.save_every and step % t.save_every == 0:
@@ -145,7 +165,9 @@ def train(recipe: Recipe) -> dict[str, Any]:
     tokens = int(tokens)
     progress.close()
 
-    metrics = task.evaluate(model, eval_loaders["validation"], accelerator) if "validation" in eval_loaders else {}
+    metrics = (
+        task.evaluate(model, eval_loaders["validation"], accelerator) if "validation" in eval_loaders else {}
+    )
     test_metrics = task.evaluate(model, eval_loaders["test"], accelerator) if "test" in eval_loaders else None
     log.write({"step": step, **{f"validation/{k}": v for k, v in metrics.items()}})
     world = accelerator.num_processes
@@ -173,7 +195,9 @@ def train(recipe: Recipe) -> dict[str, Any]:
     }
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        checkpoint.save_final(accelerator.unwrap_model(model), tokenizer, task, recipe, method.name, out / "model")
+        checkpoint.save_final(
+            accelerator.unwrap_model(model), tokenizer, task, recipe, method.name, out / "model"
+        )
         checkpoint.write_json_atomic(out / "results.json", results)
     accelerator.end_training()
     return results
@@ -182,12 +206,3 @@ def train(recipe: Recipe) -> dict[str, Any]:
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in model.parameters())
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """No weight decay on biases and norm weights, as in BERT's and transformers' Trainer recipe."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

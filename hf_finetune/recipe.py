@@ -21,7 +21,9 @@ from hf_finetune.errors import InputError
 TaskName = Literal["classification"]
 MethodName = Literal["full", "lora", "adalora", "prefix", "prompt", "ia3", "dora"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
-Scheduler = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
+Scheduler = Literal[
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"
+]
 
 
 @dataclass
@@ -82,6 +84,8 @@ class MethodConfig:
     """Dropout on the adapter input (LoRA family) or on the prefix."""
     target_modules: list[str] | str | None = None
     """Module names to adapt, or `all-linear`. Default: every attention and dense linear layer."""
+    loraplus_lr_ratio: float | None = None
+    """LoRA+ (Hayou et al. 2024): train LoRA's B matrices at this multiple of the learning rate (null or 1: plain LoRA)."""
     target_r: int | None = None
     """AdaLoRA: average rank budget the allocator prunes down to."""
     tinit: int | None = None
@@ -205,7 +209,9 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
         dotted = f"{prefix}{key}"
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (valid keys: {', '.join(fields)})"
+            hint = (
+                f" (did you mean '{prefix}{close[0]}'?)" if close else f" (valid keys: {', '.join(fields)})"
+            )
             problems.append(f"unknown key '{dotted}'{hint}")
             continue
         kwargs[key] = _coerce(hints[key], value, dotted, problems)
@@ -290,7 +296,11 @@ def _check_values(recipe: Recipe) -> list[str]:
             positive[f"data.{split_name}.max_samples"] = split.max_samples
             if split.path is None and split.name is None:
                 problems.append(f"'data.{split_name}': give a 'path' or a Hub 'name'")
-    problems += [f"'{key}': must be a positive integer, got {v}" for key, v in positive.items() if v is not None and v <= 0]
+    problems += [
+        f"'{key}': must be a positive integer, got {v}"
+        for key, v in positive.items()
+        if v is not None and v <= 0
+    ]
     if t.epochs <= 0 and t.max_steps is None:
         problems.append(f"'training.epochs': must be positive, got {t.epochs}")
     if t.lr is not None and t.lr <= 0:

@@ -15,7 +15,9 @@ class LengthGroupedSampler(Sampler[int]):
     process draws the same order and a resumed run replays the interrupted epoch exactly. transformers' own
     `LengthGroupedSampler` takes one generator for the whole run, which breaks both."""
 
-    def __init__(self, lengths: Sequence[int], group_size: int, seed: int, group_by_length: bool = True) -> None:
+    def __init__(
+        self, lengths: Sequence[int], group_size: int, seed: int, group_by_length: bool = True
+    ) -> None:
         self.lengths = list(lengths)
         self.group_size = group_size
         self.seed = seed

@@ -8,7 +8,16 @@ from importlib.metadata import PackageNotFoundError, version
 
 import torch
 
-PACKAGES = ("hf-finetune", "torch", "transformers", "peft", "accelerate", "datasets", "evaluate", "tokenizers")
+PACKAGES = (
+    "hf-finetune",
+    "torch",
+    "transformers",
+    "peft",
+    "accelerate",
+    "datasets",
+    "evaluate",
+    "tokenizers",
+)
 
 
 def cpu_has_bf16() -> bool:
@@ -43,5 +52,7 @@ def versions() -> dict[str, str]:
             found[name] = version(name)
         except PackageNotFoundError:
             continue
-    found["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    found["device"] = (
+        torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    )
     return found

@@ -32,7 +32,9 @@ def main() -> None:
             print("$", " ".join(command[1:]), file=sys.stderr, flush=True)
             subprocess.run(command, check=True)
         rows.append(json.loads((out / "results.json").read_text()))
-    print("| method | dev accuracy | dev F1 (macro) | trainable params | train time (s) | samples/s | peak RSS (MB) |")
+    print(
+        "| method | dev accuracy | dev F1 (macro) | trainable params | train time (s) | samples/s | peak RSS (MB) |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         m = r["metrics"]

@@ -12,7 +12,9 @@ import torch
 from tokenizers import BertWordPieceTokenizer
 from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizer
 
-WORDS = "the a movie film plot actor scene story was is very quite rather really and but so this that it".split()
+WORDS = (
+    "the a movie film plot actor scene story was is very quite rather really and but so this that it".split()
+)
 CUES = {"pos": "good great wonderful".split(), "neg": "bad awful boring".split()}
 
 
@@ -84,7 +86,13 @@ def tiny_recipe(model: Path, data: Path, out: Path, **extra: object) -> dict:
             "validation": {"path": str(data / "validation.jsonl")},
             "columns": {"text": "sentence", "label": "label"},
         },
-        "training": {"epochs": 3, "batch_size": 16, "max_length": 32, "logging_every": 4, "warmup_ratio": 0.0},
+        "training": {
+            "epochs": 3,
+            "batch_size": 16,
+            "max_length": 32,
+            "logging_every": 4,
+            "warmup_ratio": 0.0,
+        },
         "output_dir": str(out),
     }
     for key, value in extra.items():

@@ -103,7 +103,9 @@ def test_merge_refuses_prefix(tiny_bert: Path, data_dir: Path, tmp_path: Path, c
     from conftest import tiny_recipe
 
     recipe = tmp_path / "recipe.yaml"
-    raw = tiny_recipe(tiny_bert, data_dir, tmp_path / "run", **{"method.name": "prefix", "training.max_steps": 2})
+    raw = tiny_recipe(
+        tiny_bert, data_dir, tmp_path / "run", **{"method.name": "prefix", "training.max_steps": 2}
+    )
     recipe.write_text(yaml.safe_dump(raw))
     assert main(["train", str(recipe)]) == 0
     assert main(["merge", str(tmp_path / "run"), "--output", str(tmp_path / "merged")]) == 2
@@ -112,6 +114,8 @@ def test_merge_refuses_prefix(tiny_bert: Path, data_dir: Path, tmp_path: Path, c
 
 
 def test_help_lists_tasks_and_methods_and_module_entry_point() -> None:
-    done = subprocess.run([sys.executable, "-m", "hf_finetune", "--help"], capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "hf_finetune", "--help"], capture_output=True, text=True, check=True
+    )
     assert "tasks: classification" in done.stdout
     assert "full, lora, adalora, prefix, prompt, ia3, dora" in done.stdout

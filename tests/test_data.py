@@ -61,7 +61,9 @@ def test_max_samples_and_empty_split(tmp_path: Path) -> None:
         load_split(SplitConfig(path=str(empty)), "data.validation")
 
 
-def test_relative_paths_resolve_against_hf_finetune_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_relative_paths_resolve_against_hf_finetune_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     (tmp_path / "sub").mkdir()
     write_jsonl(tmp_path / "sub" / "d.jsonl", ROWS)
     monkeypatch.setenv("HF_FINETUNE_DATA", str(tmp_path))
@@ -99,12 +101,17 @@ def test_label_set_comes_from_train_sorted(tmp_path: Path) -> None:
 
 def test_unseen_validation_label_names_the_row(tmp_path: Path) -> None:
     validation = [*ROWS[:3], {"text": "x", "label": "neutral"}]
-    with pytest.raises(InputError, match=r"data.validation row 3: label 'neutral' not among the training labels"):
+    with pytest.raises(
+        InputError, match=r"data.validation row 3: label 'neutral' not among the training labels"
+    ):
         task_for(tmp_path, ROWS, validation)
 
 
 def test_missing_column_names_the_key_and_the_columns(tmp_path: Path) -> None:
-    with pytest.raises(InputError, match=r"data.train: column\(s\) data.columns.text='review' not found; the split has text, label"):
+    with pytest.raises(
+        InputError,
+        match=r"data.train: column\(s\) data.columns.text='review' not found; the split has text, label",
+    ):
         task_for(tmp_path, ROWS, ROWS, text="review")
 
 

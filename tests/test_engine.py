@@ -68,7 +68,9 @@ def test_method_trains_only_its_parameters_and_reloads(
 
     assert RESULT_KEYS <= results.keys()
     assert json.loads((out / "results.json").read_text())["metrics"] == results["metrics"]
-    losses = [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    losses = [
+        r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r
+    ]
     assert sum(losses[-2:]) / 2 < 0.9 * sum(losses[:2]) / 2, losses
 
     allowed = TRAINABLE[method]
@@ -103,7 +105,9 @@ def test_full_finetune_learns_the_task(tiny_bert: Path, data_dir: Path, tmp_path
 
 
 def test_adalora_reallocates_ranks(tiny_bert: Path, data_dir: Path, tmp_path: Path, monkeypatch) -> None:
-    raw = tiny_recipe(tiny_bert, data_dir, tmp_path / "run", **{"method.name": "adalora", "training.lr": 2e-2})
+    raw = tiny_recipe(
+        tiny_bert, data_dir, tmp_path / "run", **{"method.name": "adalora", "training.lr": 2e-2}
+    )
     _, model, _ = train_capturing(monkeypatch, raw)
     config = model.peft_config["default"]
     ranks = config.rank_pattern
@@ -116,7 +120,12 @@ def test_adalora_reallocates_ranks(tiny_bert: Path, data_dir: Path, tmp_path: Pa
 
 
 def test_periodic_eval_save_and_resume(tiny_bert: Path, data_dir: Path, tmp_path: Path) -> None:
-    overrides = {"method.name": "lora", "training.lr": 1e-2, "training.save_every": 8, "training.eval_every": 16}
+    overrides = {
+        "method.name": "lora",
+        "training.lr": 1e-2,
+        "training.save_every": 8,
+        "training.eval_every": 16,
+    }
     raw = tiny_recipe(tiny_bert, data_dir, tmp_path / "run", **overrides)
     first = engine.train(recipe_from_dict(raw))
     log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -29,7 +29,12 @@ def test_every_recipe_loads_and_opens_with_its_command(path: Path) -> None:
 def test_overrides_apply_with_yaml_types(tmp_path: Path) -> None:
     recipe = load_recipe(
         RECIPES[0],
-        ["training.lr=3e-4", "method.name=adalora", "data.train.max_samples=10", "method.target_modules=[query,value]"],
+        [
+            "training.lr=3e-4",
+            "method.name=adalora",
+            "data.train.max_samples=10",
+            "method.target_modules=[query,value]",
+        ],
     )
     assert recipe.training.lr == 3e-4
     assert recipe.method.name == "adalora"

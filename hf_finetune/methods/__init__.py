@@ -20,6 +20,7 @@ from peft import (
     PromptTuningConfig,
     get_peft_model,
 )
+from peft.optimizers import create_loraplus_optimizer
 
 from hf_finetune.methods.defaults import ALL_LINEAR, METHOD_DEFAULTS
 from hf_finetune.methods.prefix import PrefixConfig, PrefixTuningModel, supports_native_prefix
@@ -134,6 +135,30 @@ def apply_method(
     if method.name == "adalora":
         return peft_model, _adalora_step
     return peft_model, None
+
+
+def build_optimizer(
+    model: torch.nn.Module, method: MethodConfig, lr: float, weight_decay: float
+) -> torch.optim.Optimizer:
+    """AdamW; with LoRA+ the B matrices get their own, larger learning rate (PEFT's own LoRA+ grouping)."""
+    if method.loraplus_lr_ratio and method.loraplus_lr_ratio != 1 and isinstance(model, PeftModel):
+        return create_loraplus_optimizer(
+            model,
+            torch.optim.AdamW,
+            lr=lr,
+            loraplus_lr_ratio=method.loraplus_lr_ratio,
+            loraplus_weight_decay=weight_decay,
+        )
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases and norm weights, as in BERT's and transformers' Trainer recipe."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def _adalora_step(model: torch.nn.Module, step: int) -> None:

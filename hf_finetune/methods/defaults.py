@@ -47,7 +47,13 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     # (MiniLM's own keys ~1.4, values ~0.5), the input-independent prefix values swamped every attention output and
     # SST-2 stayed at chance (0.51, loss ~0.69). At 5e-4 they stay at ~0.5: 0.79/0.80/0.78 over seeds 42/1/2
     # (1e-3: 0.77/0.79/0.77; 4,000 examples, 1 epoch, batch 16).
-    "prefix": {"lr": 5e-4, "num_virtual_tokens": 20, "prefix_projection": True, "encoder_hidden_size": 512, "dropout": 0.0},
+    "prefix": {
+        "lr": 5e-4,
+        "num_virtual_tokens": 20,
+        "prefix_projection": True,
+        "encoder_hidden_size": 512,
+        "dropout": 0.0,
+    },
     # Prompt tuning (Lester et al. 2021) trains input embeddings only and needs a large step (0.3 with Adafactor there);
     # 3e-2 with AdamW.
     "prompt": {"lr": 3e-2, "num_virtual_tokens": 20},

@@ -33,7 +33,9 @@ class Task(Protocol):
     def evaluate(self, model: torch.nn.Module, loader: Any, accelerator: Accelerator) -> dict[str, float]:
         """Task metrics plus `eval_loss`, each example counted once across processes."""
 
-    def predict(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, rows: list[dict]) -> list[dict]: ...
+    def predict(
+        self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, rows: list[dict]
+    ) -> list[dict]: ...
 
     def checkpoint_info(self) -> dict[str, Any]:
         """What a saved checkpoint needs besides weights to rebuild this task (e.g. the label set)."""

@@ -57,7 +57,9 @@ class ClassificationTask:
             raise InputError(f"data.train row {bad}: label column {self.columns.label!r} is empty")
         values = set(train_labels)
         if len({type(v) for v in values}) > 1:
-            raise InputError(f"data.train: column {self.columns.label!r} mixes label types {sorted(map(repr, values))}")
+            raise InputError(
+                f"data.train: column {self.columns.label!r} mixes label types {sorted(map(repr, values))}"
+            )
         self.labels = sorted(values)
         if len(self.labels) < 2:
             raise InputError(f"data.train: column {self.columns.label!r} has a single label {self.labels}")
@@ -129,7 +131,9 @@ class ClassificationTask:
         return {"eval_loss": loss_sum / max(count, 1), **scores}
 
     @torch.no_grad()
-    def predict(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, rows: list[dict]) -> list[dict]:
+    def predict(
+        self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, rows: list[dict]
+    ) -> list[dict]:
         for i, row in enumerate(rows):
             missing = [c for c in (self.columns.text, self.columns.text_pair) if c and c not in row]
             if missing:

@@ -1,0 +1,76 @@
+"""Method defaults resolve as documented, AdaLoRA's schedule follows the run length, LoRA+ groups its learning rates."""
+
+from __future__ import annotations
+
+import typing
+
+import pytest
+from transformers import BertConfig, BertForSequenceClassification
+
+from hf_finetune.errors import InputError
+from hf_finetune.methods import METHOD_NAMES, apply_method, build_optimizer, build_peft_config, resolve_method
+from hf_finetune.methods.defaults import METHOD_DEFAULTS
+from hf_finetune.recipe import MethodConfig, MethodName
+
+
+def tiny_classifier() -> BertForSequenceClassification:
+    config = BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32
+    )
+    return BertForSequenceClassification(config)
+
+
+def test_method_names_match_the_recipe_literal() -> None:
+    assert set(METHOD_NAMES) == set(typing.get_args(MethodName))
+
+
+def test_defaults_fill_unset_fields_and_recipe_values_win() -> None:
+    resolved = resolve_method(MethodConfig(name="lora", alpha=8), total_steps=100)
+    assert resolved.r == METHOD_DEFAULTS["lora"]["r"]
+    assert resolved.alpha == 8
+
+
+def test_adalora_schedule_scales_with_the_run() -> None:
+    short, long = (
+        resolve_method(MethodConfig(name="adalora"), 100),
+        resolve_method(MethodConfig(name="adalora"), 1000),
+    )
+    assert (short.tinit, short.tfinal, short.deltaT) == (10, 20, 1)
+    assert (long.tinit, long.tfinal, long.deltaT) == (100, 200, 10)
+    config = build_peft_config(long, "SEQ_CLS", 1000)
+    assert config.total_step == 1000 and config.init_r == long.r and config.target_r == long.target_r
+    with pytest.raises(InputError, match="must be below the run's 20 optimizer steps"):
+        build_peft_config(
+            resolve_method(MethodConfig(name="adalora", tinit=10, tfinal=10), 20), "SEQ_CLS", 20
+        )
+
+
+def test_full_has_no_peft_config() -> None:
+    assert build_peft_config(resolve_method(MethodConfig(name="full"), 10), "SEQ_CLS", 10) is None
+
+
+def test_loraplus_gives_b_matrices_the_larger_rate() -> None:
+    method = resolve_method(MethodConfig(name="lora", loraplus_lr_ratio=16), 10)
+    model, _ = apply_method(tiny_classifier(), method, "SEQ_CLS", ("classifier",), 10)
+    optimizer = build_optimizer(model, method, lr=1e-3, weight_decay=0.0)
+    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    b = [n for n in named if "lora_B" in n]
+    a = [n for n in named if "lora_A" in n]
+    assert b and a
+    assert all(lr_of[id(named[n])] == pytest.approx(16e-3) for n in b)
+    assert all(lr_of[id(named[n])] == pytest.approx(1e-3) for n in a)
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert set(lr_of) == trainable
+
+
+def test_plain_optimizer_skips_decay_on_biases_and_norms() -> None:
+    model = tiny_classifier()
+    method = resolve_method(MethodConfig(name="full"), 10)
+    optimizer = build_optimizer(model, method, lr=1e-4, weight_decay=0.01)
+    decayed = {id(p) for g in optimizer.param_groups if g["weight_decay"] for p in g["params"]}
+    for name, p in model.named_parameters():
+        assert (id(p) in decayed) == (p.ndim == 2 and "LayerNorm" not in name), name
+    assert sum(p.numel() for g in optimizer.param_groups for p in g["params"]) == sum(
+        p.numel() for p in model.parameters()
+    )
