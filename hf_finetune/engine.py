@@ -48,9 +48,8 @@ def train(recipe: Recipe) -> dict[str, Any]:
     model_path = resolve_model(recipe.model.name_or_path, recipe.model.revision)
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=recipe.model.trust_remote_code)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = (
-            tokenizer.eos_token
-        )  # GPT-style tokenizers ship without one; batches need padding
+        # GPT-style tokenizers ship without a pad token; batches need one
+        tokenizer.pad_token = tokenizer.eos_token
     with accelerator.main_process_first():  # one process tokenises, the others read datasets' cache
         encoded = task.preprocess(raw, tokenizer)
     train_set = encoded["train"]
