@@ -22,6 +22,7 @@ from peft import (
 )
 from peft.optimizers import create_loraplus_optimizer
 
+from hf_finetune.errors import InputError
 from hf_finetune.methods.defaults import ALL_LINEAR, METHOD_DEFAULTS
 from hf_finetune.methods.prefix import PrefixConfig, PrefixTuningModel, supports_native_prefix
 from hf_finetune.recipe import MethodConfig
@@ -69,8 +70,6 @@ def build_peft_config(
             return LoraConfig(**common, **lora_like, use_dora=True)
         case "adalora":
             if method.tinit + method.tfinal >= total_steps:
-                from hf_finetune.errors import InputError
-
                 raise InputError(
                     f"method.tinit ({method.tinit}) + method.tfinal ({method.tfinal}) must be below the run's "
                     f"{total_steps} optimizer steps: AdaLoRA needs steps in between to reallocate ranks"
