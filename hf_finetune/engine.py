@@ -20,7 +20,7 @@ from hf_finetune.data import load_splits
 from hf_finetune.hub import resolve_model
 from hf_finetune.methods import apply_method, build_optimizer, default_lr, resolve_method
 from hf_finetune.recipe import Recipe
-from hf_finetune.sampling import LengthGroupedSampler, sorted_by_length
+from hf_finetune.sampling import LengthGroupedSampler, eval_loader
 from hf_finetune.system import choose_precision, peak_memory_mb, versions
 from hf_finetune.tasks import get_task
 
@@ -73,9 +73,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
         train_set.remove_columns("length"), t.batch_size, sampler=sampler, collate_fn=collate
     )
     eval_loaders = {
-        split: DataLoader(
-            sorted_by_length(encoded[split]), t.eval_batch_size or 2 * t.batch_size, collate_fn=collate
-        )
+        split: eval_loader(encoded[split], t.eval_batch, collate)
         for split in ("validation", "test")
         if split in encoded
     }

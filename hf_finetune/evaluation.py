@@ -6,12 +6,11 @@ import dataclasses
 from typing import Any
 
 from accelerate import Accelerator
-from torch.utils.data import DataLoader
 
 from hf_finetune.checkpoint import load_final
 from hf_finetune.data import load_splits
 from hf_finetune.recipe import Recipe
-from hf_finetune.sampling import sorted_by_length
+from hf_finetune.sampling import eval_loader
 from hf_finetune.system import choose_precision
 
 
@@ -21,13 +20,12 @@ def evaluate_checkpoint(recipe: Recipe, checkpoint: str) -> dict[str, Any]:
     raw = load_splits(dataclasses.replace(recipe.data, train=None))
     task.prepare(raw)
     encoded = task.preprocess(raw, tokenizer)
-    batch_size = recipe.training.eval_batch_size or 2 * recipe.training.batch_size
     model = accelerator.prepare(model)
     scores: dict[str, Any] = {"checkpoint": checkpoint, "method": info["method"]}
     for split, key in (("validation", "metrics"), ("test", "test_metrics")):
         if split in encoded:
             loader = accelerator.prepare(
-                DataLoader(sorted_by_length(encoded[split]), batch_size, collate_fn=task.collator(tokenizer))
+                eval_loader(encoded[split], recipe.training.eval_batch, task.collator(tokenizer))
             )
             scores[key] = task.evaluate(model, loader, accelerator)
     return scores

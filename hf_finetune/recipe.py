@@ -113,7 +113,7 @@ class TrainingConfig:
     batch_size: int = 32
     """Per-device training batch size."""
     eval_batch_size: int | None = None
-    """Per-device evaluation batch size (default: 2 x batch_size)."""
+    """Per-device evaluation batch size (default: 2 x batch_size; no gradients, so twice fits)."""
     grad_accum: int = 1
     """Micro-batches accumulated per optimizer step."""
     lr: float | None = None
@@ -139,6 +139,10 @@ class TrainingConfig:
     """Log loss and learning rate every N optimizer steps."""
     resume: bool = False
     """Continue from the latest checkpoint in `output_dir/checkpoints`."""
+
+    @property
+    def eval_batch(self) -> int:
+        return self.eval_batch_size or 2 * self.batch_size
 
 
 @dataclass

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from datasets import Dataset
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
 
@@ -41,3 +42,8 @@ def sorted_by_length(dataset: Dataset) -> Dataset:
     """Evaluation order by length, so padded batches carry little padding; metrics do not depend on order."""
     order = sorted(range(len(dataset)), key=dataset["length"].__getitem__)
     return dataset.select(order).remove_columns("length")
+
+
+def eval_loader(dataset: Dataset, batch_size: int, collate_fn: Any) -> DataLoader:
+    """The evaluation loader shared by training-time and checkpoint evaluation."""
+    return DataLoader(sorted_by_length(dataset), batch_size, collate_fn=collate_fn)

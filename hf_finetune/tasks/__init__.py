@@ -10,6 +10,7 @@ from datasets import DatasetDict
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from hf_finetune.recipe import Recipe
+from hf_finetune.tasks.classification import ClassificationTask
 
 
 class Task(Protocol):
@@ -43,12 +44,10 @@ class Task(Protocol):
     def restore(self, info: dict[str, Any]) -> None: ...
 
 
+# keys equal the module file names and the recipe's `task` values; a test keeps them in sync
+TASKS: dict[str, type[Task]] = {"classification": ClassificationTask}
+TASK_NAMES = tuple(TASKS)
+
+
 def get_task(recipe: Recipe) -> Task:
-    from hf_finetune.tasks import classification
-
-    # keys equal the module file names and the recipe's `task` values; a test keeps them in sync
-    registry = {"classification": classification.ClassificationTask}
-    return registry[recipe.task](recipe)
-
-
-TASK_NAMES = ("classification",)
+    return TASKS[recipe.task](recipe)

@@ -142,7 +142,7 @@ class ClassificationTask:
         collate = self.collator(tokenizer)
         device = next(model.parameters()).device
         out: list[dict] = []
-        batch_size = self.recipe.training.eval_batch_size or 2 * self.recipe.training.batch_size
+        batch_size = self.recipe.training.eval_batch
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
             columns = {c: [r[c] for r in chunk] for c in (self.columns.text, self.columns.text_pair) if c}
