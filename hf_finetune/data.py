@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -86,6 +87,10 @@ def _load_local(path: Path, split_name: str | None, where: str) -> Dataset:
     if len(suffixes) > 1 or files[0].suffix not in BUILDERS:
         raise InputError(f"{where}.path: {path}: cannot read files of type {', '.join(sorted(suffixes))}")
     suffix = files[0].suffix
+    if suffix == ".json":
+        nested = [_squad_rows(f) for f in files]
+        if all(rows is not None for rows in nested):
+            return Dataset.from_list([row for rows in nested for row in rows])
     kwargs = {"delimiter": "\t"} if suffix == ".tsv" else {}
     try:
         return datasets.load_dataset(
@@ -96,6 +101,40 @@ def _load_local(path: Path, split_name: str | None, where: str) -> Dataset:
         if "corresponds to no data" in message:
             raise InputError(f"{where}: split is empty ({path})") from err
         raise InputError(f"{path}: cannot be parsed as {BUILDERS[suffix]}: {message}") from err
+
+
+def _squad_rows(path: Path) -> list[dict] | None:
+    """The rows of an official SQuAD JSON file (`{"data": [{"title", "paragraphs": [{"context", "qas"}]}]}`),
+    flattened to the Hub `squad` layout; None when `path` is not such a file. datasets' json builder would read the
+    nesting as one row per article."""
+    with path.open("rb") as f:
+        if f.read(4096).lstrip()[:1] != b"{":
+            return None
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None  # JSON lines, or broken: datasets' builder reports it
+    articles = doc.get("data") if isinstance(doc, dict) else None
+    if not isinstance(articles, list) or not all(isinstance(a, dict) and "paragraphs" in a for a in articles):
+        return None
+    rows = []
+    for article in articles:
+        for paragraph in article["paragraphs"]:
+            for qa in paragraph["qas"]:
+                answers = [] if qa.get("is_impossible") else qa.get("answers", [])
+                rows.append(
+                    {
+                        "id": str(qa["id"]),
+                        "title": article.get("title", ""),
+                        "context": paragraph["context"],
+                        "question": qa["question"],
+                        "answers": {
+                            "text": [a["text"] for a in answers],
+                            "answer_start": [int(a["answer_start"]) for a in answers],
+                        },
+                    }
+                )
+    return rows
 
 
 def load_splits(config: DataConfig) -> DatasetDict:

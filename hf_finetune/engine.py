@@ -165,7 +165,9 @@ def train(recipe: Recipe) -> dict[str, Any]:
     metrics = (
         task.evaluate(model, eval_loaders["validation"], accelerator) if "validation" in eval_loaders else {}
     )
-    test_metrics = task.evaluate(model, eval_loaders["test"], accelerator) if "test" in eval_loaders else None
+    test_metrics = (
+        task.evaluate(model, eval_loaders["test"], accelerator, "test") if "test" in eval_loaders else None
+    )
     log.write({"step": step, **{f"validation/{k}": v for k, v in metrics.items()}})
     world = accelerator.num_processes
     results = {

@@ -27,5 +27,5 @@ def evaluate_checkpoint(recipe: Recipe, checkpoint: str) -> dict[str, Any]:
             loader = accelerator.prepare(
                 eval_loader(encoded[split], recipe.training.eval_batch, task.collator(tokenizer))
             )
-            scores[key] = task.evaluate(model, loader, accelerator)
+            scores[key] = task.evaluate(model, loader, accelerator, split)
     return scores

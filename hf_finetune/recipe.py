@@ -18,7 +18,7 @@ import yaml
 
 from hf_finetune.errors import InputError
 
-TaskName = Literal["classification"]
+TaskName = Literal["classification", "question_answering"]
 MethodName = Literal["full", "lora", "adalora", "prefix", "prompt", "ia3", "dora"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Scheduler = Literal[
@@ -59,6 +59,14 @@ class ColumnsConfig:
     """Column holding the second sentence of a pair, if any."""
     label: str = "label"
     """Column holding the label: ints or strings."""
+    question: str = "question"
+    """Question answering: column holding the question."""
+    context: str = "context"
+    """Question answering: column holding the passage the answer is taken from."""
+    answers: str = "answers"
+    """Question answering: column of SQuAD-style `{text: [...], answer_start: [...]}` (character offsets)."""
+    id: str = "id"
+    """Question answering: column holding a unique example id (row numbers when the column is absent)."""
 
 
 @dataclass
@@ -127,8 +135,8 @@ class TrainingConfig:
     seed: int = 42
     precision: Precision = "fp32"
     """Autocast dtype. `auto`: bf16 on a GPU or CPU that has native bf16 units, else fp32."""
-    max_length: int = 128
-    """Truncate inputs to this many tokens."""
+    max_length: int | None = None
+    """Truncate inputs to this many tokens (default: the task's own, 128 for classification, 384 for QA)."""
     group_by_length: bool = True
     """Batch examples of similar length together (less padding, same randomness per epoch)."""
     eval_every: int | None = None
@@ -146,12 +154,32 @@ class TrainingConfig:
 
 
 @dataclass
+class QAConfig:
+    """Extractive question answering (SQuAD-style); the defaults are those of transformers' run_qa.py."""
+
+    doc_stride: int = 128
+    """Tokens shared by two consecutive windows over a context longer than `training.max_length`."""
+    n_best_size: int = 20
+    """Candidate spans kept per example when picking (and scoring) the answer."""
+    max_answer_length: int = 30
+    """Longest answer, in tokens, that post-processing may return."""
+    version_2_with_negative: bool = False
+    """SQuAD v2: questions may have no answer; predict "" when the null score wins by the threshold."""
+    null_score_diff_threshold: float = 0.0
+    """SQuAD v2: predict no answer when null score - best span score > this."""
+    misaligned_answers: Literal["error", "drop"] = "error"
+    """An answer whose text is not found at its answer_start: stop naming its id, or drop it (counted)."""
+
+
+@dataclass
 class Recipe:
     task: TaskName = "classification"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    qa: QAConfig = field(default_factory=QAConfig)
+    """Question answering only: windowing and post-processing."""
     output_dir: str = "runs/default"
     """Where results.json, metrics.jsonl, checkpoints and the final model go."""
 
@@ -293,6 +321,9 @@ def _check_values(recipe: Recipe) -> list[str]:
         "training.eval_batch_size": t.eval_batch_size,
         "method.r": recipe.method.r,
         "method.num_virtual_tokens": recipe.method.num_virtual_tokens,
+        "qa.doc_stride": recipe.qa.doc_stride,
+        "qa.n_best_size": recipe.qa.n_best_size,
+        "qa.max_answer_length": recipe.qa.max_answer_length,
     }
     for split_name in ("train", "validation", "test"):
         split = getattr(recipe.data, split_name)
@@ -311,6 +342,14 @@ def _check_values(recipe: Recipe) -> list[str]:
         problems.append(f"'training.lr': must be positive, got {t.lr}")
     if not 0 <= t.warmup_ratio < 1:
         problems.append(f"'training.warmup_ratio': must be in [0, 1), got {t.warmup_ratio}")
+    if (
+        t.max_length is not None
+        and recipe.qa.doc_stride >= t.max_length
+        and recipe.task == "question_answering"
+    ):
+        problems.append(
+            f"'qa.doc_stride': must be smaller than training.max_length ({t.max_length}), got {recipe.qa.doc_stride}"
+        )
     if recipe.data.train is None:
         problems.append("'data.train': a training split is required")
     return problems

@@ -10,6 +10,7 @@ import evaluate
 METRICS: dict[str, str] = {
     "classification": "classification",
     "perplexity": "perplexity",
+    "squad": "squad",
 }
 
 _HERE = Path(__file__).resolve().parent

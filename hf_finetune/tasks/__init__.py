@@ -11,6 +11,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from hf_finetune.recipe import Recipe
 from hf_finetune.tasks.classification import ClassificationTask
+from hf_finetune.tasks.question_answering import QuestionAnsweringTask
 
 
 class Task(Protocol):
@@ -18,6 +19,8 @@ class Task(Protocol):
     """PEFT's TaskType name for this task's models (e.g. SEQ_CLS)."""
     head_modules: tuple[str, ...]
     """Names of freshly initialised head modules that train with every method."""
+    default_max_length: int
+    """Token limit when the recipe leaves `training.max_length` unset."""
 
     def __init__(self, recipe: Recipe) -> None: ...
 
@@ -31,8 +34,10 @@ class Task(Protocol):
 
     def collator(self, tokenizer: PreTrainedTokenizerBase) -> Any: ...
 
-    def evaluate(self, model: torch.nn.Module, loader: Any, accelerator: Accelerator) -> dict[str, float]:
-        """Task metrics plus `eval_loss`, each example counted once across processes."""
+    def evaluate(
+        self, model: torch.nn.Module, loader: Any, accelerator: Accelerator, split: str = "validation"
+    ) -> dict[str, float]:
+        """Task metrics plus `eval_loss` on `split` (as preprocessed), each example counted once across processes."""
 
     def predict(
         self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, rows: list[dict]
@@ -45,7 +50,10 @@ class Task(Protocol):
 
 
 # keys equal the module file names and the recipe's `task` values; a test keeps them in sync
-TASKS: dict[str, type[Task]] = {"classification": ClassificationTask}
+TASKS: dict[str, type[Task]] = {
+    "classification": ClassificationTask,
+    "question_answering": QuestionAnsweringTask,
+}
 TASK_NAMES = tuple(TASKS)
 
 

@@ -23,6 +23,7 @@ from hf_finetune.recipe import Recipe
 
 class ClassificationTask:
     peft_task_type = "SEQ_CLS"
+    default_max_length = 128
     # BERT's pooler counts as head: sentence-embedding checkpoints such as all-MiniLM-L6-v2 never trained it (they
     # mean-pool), so with it frozen a prefix or prompt has to work through a random projection. Its Linear, not the
     # BertPooler module, because PEFT's IA3 merge can only unwrap modules that have a weight.
@@ -82,7 +83,10 @@ class ClassificationTask:
     def _encode(self, tokenizer: PreTrainedTokenizerBase, batch: dict[str, list]) -> dict[str, list]:
         pair = batch[self.columns.text_pair] if self.columns.text_pair else None
         return tokenizer(
-            batch[self.columns.text], pair, truncation=True, max_length=self.recipe.training.max_length
+            batch[self.columns.text],
+            pair,
+            truncation=True,
+            max_length=self.recipe.training.max_length or self.default_max_length,
         )
 
     def preprocess(self, raw: DatasetDict, tokenizer: PreTrainedTokenizerBase) -> DatasetDict:
@@ -113,7 +117,9 @@ class ClassificationTask:
         return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8)
 
     @torch.no_grad()
-    def evaluate(self, model: torch.nn.Module, loader: Any, accelerator: Accelerator) -> dict[str, float]:
+    def evaluate(
+        self, model: torch.nn.Module, loader: Any, accelerator: Accelerator, split: str = "validation"
+    ) -> dict[str, float]:
         metric = load_metric("classification")
         loss_sum, count = 0.0, 0
         model.eval()
