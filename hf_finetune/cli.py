@@ -10,7 +10,7 @@ from pathlib import Path
 
 from hf_finetune.errors import InputError
 
-EPILOG = """tasks: classification
+EPILOG = """tasks: classification, question_answering
 methods: full, lora, adalora, prefix, prompt, ia3, dora
 
 examples:
@@ -18,6 +18,7 @@ examples:
   hf-finetune eval recipes/classification/sst2.yaml checkpoint=runs/sst2
   hf-finetune predict recipes/classification/sst2.yaml checkpoint=runs/sst2 --input in.jsonl --output out.jsonl
   hf-finetune merge runs/sst2 --output runs/sst2-merged
+  hf-finetune train recipes/question_answering/squad.yaml method.name=full output_dir=runs/squad
 
 exit codes: 0 done, 2 bad input (one line on stderr naming the file, key or row), 1 anything else"""
 

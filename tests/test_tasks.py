@@ -15,3 +15,10 @@ def test_registry_matches_files_and_recipe_literal() -> None:
     for name in tasks.TASK_NAMES:
         task = tasks.get_task(Recipe(task=name))
         assert task.peft_task_type and task.head_modules
+
+
+def test_help_lists_every_task() -> None:
+    from hf_finetune.cli import EPILOG
+
+    listed = EPILOG.splitlines()[0].removeprefix("tasks: ").split(", ")
+    assert listed == list(tasks.TASK_NAMES)
