@@ -18,6 +18,8 @@ examples:
   hf-finetune eval recipes/classification/sst2.yaml checkpoint=runs/sst2
   hf-finetune predict recipes/classification/sst2.yaml checkpoint=runs/sst2 --input in.jsonl --output out.jsonl
   hf-finetune merge runs/sst2 --output runs/sst2-merged
+  hf-finetune compare recipes/classification/sst2.yaml --methods full,lora,adalora,prefix --seeds 1,2,3 \
+      data.train.max_samples=4000 output_dir=runs/sst2-compare
   hf-finetune train recipes/question_answering/squad.yaml method.name=full output_dir=runs/squad
 
 exit codes: 0 done, 2 bad input (one line on stderr naming the file, key or row), 1 anything else"""
@@ -50,6 +52,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--input", required=True, help="JSONL, one object per row with the recipe's text column(s)"
     )
     predict.add_argument("--output", required=True, help="JSONL written with one prediction per input row")
+
+    compare = sub.add_parser(
+        "compare", help="train the recipe once per method x seed and write comparison.{json,csv,md} and plots"
+    )
+    compare.add_argument("recipe")
+    compare.add_argument("overrides", **overrides)
+    compare.add_argument("--methods", help="comma-separated, e.g. full,lora,adalora,prefix (default: the recipe's "
+                         "compare.methods, else full,lora,adalora,prefix)")  # fmt: skip
+    compare.add_argument(
+        "--seeds", help="comma-separated seeds, e.g. 1,2,3 (default: compare.seeds or training.seed)"
+    )
+    compare.add_argument(
+        "--set", action="append", default=[], metavar="METHOD.key=value",
+        help="override for one method only, e.g. --set lora.training.lr=3e-4 (repeatable)",
+    )  # fmt: skip
+    compare.add_argument(
+        "--budget-matched", action="store_true",
+        help="LoRA and AdaLoRA train the same number of parameters (AdaLoRA init_r = LoRA r, target_r = 2r/3)",
+    )  # fmt: skip
+    compare.add_argument("--dry-run", action="store_true", help="print the plan without training")
 
     merge = sub.add_parser("merge", help="fold a LoRA-family adapter into a plain HF model folder")
     merge.add_argument("checkpoint", help="a run's output_dir or its model/ folder")
@@ -110,6 +132,35 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from hf_finetune.compare import compare
+
+    def split(text: str | None, kind: type) -> list | None:
+        if not text:
+            return None
+        try:
+            return [kind(x.strip()) for x in text.split(",") if x.strip()]
+        except ValueError as err:
+            raise InputError(f"--seeds {text!r}: expected comma-separated integers") from err
+
+    done = compare(
+        args.recipe,
+        methods=split(args.methods, str),
+        seeds=split(args.seeds, int),
+        overrides=args.overrides,
+        per_method=args.set,
+        budget_matched=args.budget_matched,
+        dry=args.dry_run,
+    )
+    if args.dry_run:
+        return 0
+    print(done["paths"]["md"].read_text())
+    failed = [f"{r.method} seed {r.seed}" for r in done["runs"] if r.status == "failed"]
+    if failed:
+        print(f"hf-finetune: {len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     from hf_finetune.checkpoint import load_final
     from hf_finetune.merging import merge_checkpoint
@@ -137,4 +188,10 @@ def read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "merge": cmd_merge}
+COMMANDS = {
+    "train": cmd_train,
+    "eval": cmd_eval,
+    "predict": cmd_predict,
+    "compare": cmd_compare,
+    "merge": cmd_merge,
+}

@@ -190,6 +190,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
         "global_batch_size": t.batch_size * t.grad_accum * world,
         "precision": accelerator.mixed_precision,
         "versions": versions(),
+        "recipe_hash": recipe.run_hash(),
         "recipe": resolved,
     }
     accelerator.wait_for_everyone()

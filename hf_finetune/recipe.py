@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -172,6 +174,18 @@ class QAConfig:
 
 
 @dataclass
+class CompareConfig:
+    """`hf-finetune compare` only; the command line's --methods, --seeds and --set take precedence."""
+
+    methods: list[MethodName] | None = None
+    """Methods to compare (default: full, lora, adalora, prefix)."""
+    seeds: list[int] | None = None
+    """Seeds per method (default: the recipe's training.seed)."""
+    overrides: dict[str, list[str]] = field(default_factory=dict)
+    """Per-method dotted overrides, e.g. `{lora: [training.lr=3e-4]}`; the same as `--set lora.training.lr=3e-4`."""
+
+
+@dataclass
 class Recipe:
     task: TaskName = "classification"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -180,15 +194,35 @@ class Recipe:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     qa: QAConfig = field(default_factory=QAConfig)
     """Question answering only: windowing and post-processing."""
+    compare: CompareConfig = field(default_factory=CompareConfig)
+    """`hf-finetune compare` only: methods, seeds and per-method overrides."""
     output_dir: str = "runs/default"
     """Where results.json, metrics.jsonl, checkpoints and the final model go."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def run_hash(self) -> str:
+        """Identity of the run this recipe describes: everything but where it is written, whether it resumes, and
+        the compare section. `compare` reuses a finished run whose results.json carries the same hash."""
+        data = self.to_dict()
+        data.pop("output_dir")
+        data.pop("compare")
+        data["training"].pop("resume")
+        text = json.dumps(data, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read a YAML recipe, apply `key=value` overrides, and build the validated `Recipe`."""
+    raw = read_recipe(path)
+    for item in overrides:
+        apply_override(raw, item)
+    return recipe_from_dict(raw, source=str(path))
+
+
+def read_recipe(path: str | Path) -> dict[str, Any]:
+    """The YAML mapping of a recipe file, unvalidated (`recipe_from_dict` validates)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: recipe file not found")
@@ -198,9 +232,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise InputError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from err
     if not isinstance(raw, dict):
         raise InputError(f"{path}: a recipe is a mapping of keys to values, got {type(raw).__name__}")
-    for item in overrides:
-        apply_override(raw, item)
-    return recipe_from_dict(raw, source=str(path))
+    return raw
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
@@ -274,6 +306,11 @@ def _coerce(hint: Any, value: Any, dotted: str, problems: list[str]) -> Any:
             hint_text = f" (did you mean '{close[0]}'?)" if close else ""
             problems.append(f"'{dotted}': {value!r} is not one of {', '.join(map(str, args))}{hint_text}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            problems.append(f"'{dotted}': expected a mapping, got {value!r}")
+            return {}
+        return {k: _coerce(args[1], v, f"{dotted}.{k}", problems) for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             problems.append(f"'{dotted}': expected a list, got {value!r}")

@@ -21,6 +21,9 @@ class Task(Protocol):
     """Names of freshly initialised head modules that train with every method."""
     default_max_length: int
     """Token limit when the recipe leaves `training.max_length` unset."""
+    primary_metric: str
+    """The validation metric that ranks runs (higher is better), e.g. in `hf-finetune compare`."""
+    """Token limit when the recipe leaves `training.max_length` unset."""
 
     def __init__(self, recipe: Recipe) -> None: ...
 

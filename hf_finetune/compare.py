@@ -1,0 +1,470 @@
+"""`hf-finetune compare`: one recipe trained once per method x seed through `train` (no second loop), then a table
+(json, csv, markdown) and plots of quality against trainable parameters, time and memory.
+
+Fairness: every method runs on the same data, data order (the seed drives the sampler) and evaluation set, each with
+its own known-good defaults (`methods/defaults.py`) unless overridden per method. A finished run whose results.json
+carries the same recipe hash is reused, so an interrupted comparison continues where it stopped; a run that fails is
+a row with its error and the others go on.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hf_finetune.errors import InputError
+from hf_finetune.recipe import Recipe, apply_override, read_recipe, recipe_from_dict
+
+DEFAULT_METHODS = ("full", "lora", "adalora", "prefix")
+# columns of the per-run table, in order; every value comes from the run's results.json (or its model folder)
+NUMBERS = (
+    "trainable_params",
+    "trainable_share",
+    "final_trainable_params",
+    "train_runtime_s",
+    "train_samples_per_s",
+    "train_tokens_per_s",
+    "peak_memory_mb",
+    "model_size_mb",
+    "steps",
+)
+
+
+@dataclass
+class Run:
+    method: str
+    seed: int
+    recipe: Recipe
+    out: Path
+    status: str = "planned"  # planned | reused | trained | failed
+    error: str = ""
+    results: dict[str, Any] = field(default_factory=dict)
+
+
+def plan(
+    recipe_path: str,
+    methods: list[str] | None = None,
+    seeds: list[int] | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    per_method: list[str] | tuple[str, ...] = (),
+    budget_matched: bool = False,
+) -> tuple[Recipe, list[Run]]:
+    """The base recipe and one run per method x seed, each validated before anything trains."""
+    raw = read_recipe(recipe_path)
+    for item in overrides:
+        apply_override(raw, item)
+    base = recipe_from_dict(copy.deepcopy(raw), source=recipe_path)
+    methods = methods or base.compare.methods or list(DEFAULT_METHODS)
+    seeds = seeds or base.compare.seeds or [base.training.seed]
+    sets: dict[str, list[str]] = {m: list(v) for m, v in base.compare.overrides.items()}
+    for item in per_method:
+        method, dot, rest = item.partition(".")
+        if not dot or "=" not in rest:
+            raise InputError(f"--set {item!r}: expected METHOD.dotted.key=value, e.g. lora.training.lr=3e-4")
+        sets.setdefault(method, []).append(rest)
+    unknown = sorted(set(sets) - set(methods))
+    if unknown:
+        raise InputError(f"per-method overrides for {unknown}, which are not among the methods {methods}")
+    if len(set(methods)) != len(methods) or len(set(seeds)) != len(seeds):
+        raise InputError(f"methods {methods} and seeds {seeds} must not repeat")
+    root = Path(base.output_dir)
+    runs = []
+    for method in methods:
+        for seed in seeds:
+            run_raw = copy.deepcopy(raw)
+            run_raw.pop("compare", None)
+            apply_override(run_raw, f"method.name={method}")
+            apply_override(run_raw, f"training.seed={seed}")
+            if budget_matched:
+                for item in _budget(base, method):
+                    apply_override(run_raw, item)
+            for item in sets.get(method, []):
+                apply_override(run_raw, item)
+            out = root / method / f"seed{seed}"
+            run_raw["output_dir"] = str(out)
+            recipe = recipe_from_dict(run_raw, source=f"{recipe_path} ({method}, seed {seed})")
+            runs.append(Run(method, seed, recipe, out))
+    return base, runs
+
+
+def _budget(base: Recipe, method: str) -> list[str]:
+    """--budget-matched: LoRA and AdaLoRA train the same number of parameters. AdaLoRA trains init_r-rank triplets
+    (A, E, B) and prunes them to an average of target_r, so init_r takes LoRA's rank and target_r two thirds of it
+    (the AdaLoRA paper's 12 -> 8, Zhang et al. 2023, Table 10); both adapt the same modules."""
+    from hf_finetune.methods import resolve_method
+
+    lora = resolve_method(dataclasses.replace(base.method, name="lora"), total_steps=1)
+    if method == "lora":
+        return [f"method.r={lora.r}", f"method.target_modules={json.dumps(lora.target_modules)}"]
+    if method == "adalora":
+        return [
+            f"method.r={lora.r}",
+            f"method.target_r={max(1, round(2 * lora.r / 3))}",
+            f"method.target_modules={json.dumps(lora.target_modules)}",
+        ]
+    return []
+
+
+def execute(runs: list[Run], train_fn: Any = None) -> None:
+    """Train what is not finished yet; a failure is recorded on its run and the others go on."""
+    if train_fn is None:
+        from hf_finetune.engine import train as train_fn
+    for run in runs:
+        finished = _finished(run)
+        if finished is not None:
+            run.status, run.results = "reused", finished
+            continue
+        print(f"hf-finetune compare: {run.method} seed {run.seed} -> {run.out}", file=sys.stderr, flush=True)
+        try:
+            train_fn(run.recipe)
+            run.results = json.loads((run.out / "results.json").read_text())
+            run.status = "trained"
+        except Exception as err:  # one method failing must not stop the comparison
+            run.status = "failed"
+            run.error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            run.out.mkdir(parents=True, exist_ok=True)
+            (run.out / "error.txt").write_text(traceback.format_exc())
+            print(f"hf-finetune compare: {run.method} seed {run.seed} failed: {run.error}", file=sys.stderr)
+
+
+def _finished(run: Run) -> dict[str, Any] | None:
+    path = run.out / "results.json"
+    if not path.is_file():
+        return None
+    try:
+        results = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    return results if results.get("recipe_hash") == run.recipe.run_hash() else None
+
+
+def row(run: Run, primary: str) -> dict[str, Any]:
+    """One run's figures, each read from its results.json (sizes from its model folder)."""
+    r = run.results
+    out: dict[str, Any] = {"method": run.method, "seed": run.seed, "status": run.status, "error": run.error}
+    if run.status == "failed":
+        return out
+    for split, key in (("validation", "metrics"), ("test", "test_metrics")):
+        for name, value in r.get(key, {}).items():
+            out[f"{split}/{name}"] = value
+    out["quality"] = r.get("metrics", {}).get(primary)
+    out["trainable_params"] = r["trainable_params"]
+    out["trainable_share"] = r["trainable_params"] / r["total_params"]
+    out["final_trainable_params"] = _final_trainable(run)
+    for key in ("train_runtime_s", "train_samples_per_s", "train_tokens_per_s", "peak_memory_mb", "steps"):
+        out[key] = r[key]
+    model_dir = run.out / "model"
+    out["model_size_mb"] = sum(f.stat().st_size for f in model_dir.rglob("*") if f.is_file()) / 2**20
+    out["lr"] = r["recipe"]["training"]["lr"]
+    return out
+
+
+def _final_trainable(run: Run) -> int:
+    """AdaLoRA's parameters left after pruning (ranks kept x (in + out + 1) plus what trains in full); the run's
+    trainable count for every other method."""
+    trainable = run.results["trainable_params"]
+    config_file = run.out / "model" / "adapter_config.json"
+    if run.method != "adalora" or not config_file.exists():
+        return trainable
+    from safetensors import safe_open
+
+    pattern = json.loads(config_file.read_text()).get("rank_pattern") or {}
+    weights = run.out / "model" / "adapter_model.safetensors"
+    removed = 0
+    with safe_open(str(weights), "pt") as f:
+        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    for key, mask in pattern.items():
+        module = key.removesuffix(".lora_E")
+        a = next(
+            (
+                s
+                for k, s in shapes.items()
+                if k.endswith(f"{module}.lora_A.weight") or k.endswith(f"{module}.lora_A")
+            ),
+            None,
+        )
+        b = next(
+            (
+                s
+                for k, s in shapes.items()
+                if k.endswith(f"{module}.lora_B.weight") or k.endswith(f"{module}.lora_B")
+            ),
+            None,
+        )
+        if a is None or b is None:
+            continue
+        pruned = len(mask) - sum(bool(m) for m in mask)
+        removed += pruned * (a[1] + b[0] + 1)
+    return trainable - removed
+
+
+def summarise(rows: list[dict[str, Any]], methods: list[str]) -> list[dict[str, Any]]:
+    """Per method: mean and standard deviation (n - 1) over its successful seeds of every numeric column."""
+    summary = []
+    for method in methods:
+        mine = [r for r in rows if r["method"] == method]
+        done = [r for r in mine if r["status"] != "failed"]
+        entry: dict[str, Any] = {
+            "method": method,
+            "seeds": [r["seed"] for r in done],
+            "failed": {r["seed"]: r["error"] for r in mine if r["status"] == "failed"},
+        }
+        keys = [k for k in (done[0] if done else {}) if isinstance(done[0][k], int | float) and k != "seed"]
+        for key in keys:
+            values = [float(r[key]) for r in done if r.get(key) is not None]
+            if values:
+                entry[key] = statistics.fmean(values)
+                entry[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        summary.append(entry)
+    return summary
+
+
+def pareto(points: list[tuple[str, float, float]]) -> set[str]:
+    """Names on the front of (name, params, quality): no other point has fewer or equal params and higher or equal
+    quality with one of the two strict."""
+    front = set()
+    for name, params, quality in points:
+        dominated = any(
+            p <= params and q >= quality and (p < params or q > quality) for n, p, q in points if n != name
+        )
+        if not dominated:
+            front.add(name)
+    return front
+
+
+def environment(base: Recipe) -> dict[str, Any]:
+    import torch
+
+    from hf_finetune.system import choose_precision, versions
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        names = [
+            line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")
+        ]
+        cpu = f"{names[0]} x {len(names)} logical cores" if names else cpu
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "precision": f"{base.training.precision} -> {choose_precision(base.training.precision)}",
+        "versions": versions(),
+    }
+
+
+def write_outputs(
+    base: Recipe, runs: list[Run], methods: list[str], command: str, primary: str
+) -> dict[str, Path]:
+    root = Path(base.output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    rows = [row(r, primary) for r in runs]
+    summary = summarise(rows, methods)
+    env = environment(base)
+    points = [
+        (s["method"], s["trainable_params"], s["quality"]) for s in summary if s.get("quality") is not None
+    ]
+    front = pareto(points)
+    data = {
+        "command": command,
+        "environment": env,
+        "task": base.task,
+        "primary_metric": primary,
+        "pareto_front": sorted(front),
+        "summary": summary,
+        "runs": rows,
+    }
+    paths = {
+        "json": root / "comparison.json",
+        "csv": root / "comparison.csv",
+        "md": root / "comparison.md",
+    }
+    _atomic(paths["json"], json.dumps(data, indent=2, default=str))
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    tmp = paths["csv"].with_name(f".{paths['csv'].name}.tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, paths["csv"])
+    _atomic(paths["md"], markdown(data, front))
+    paths.update(plots(summary, rows, primary, front, root))
+    return paths
+
+
+def _atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _fmt(value: Any, std: Any = None, digits: int = 4) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        text = f"{value:,.{digits}f}" if abs(value) < 1000 else f"{value:,.0f}"
+        return text + (f" ± {std:.{digits}f}" if std else "")
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def markdown(data: dict[str, Any], front: set[str]) -> str:
+    env, primary = data["environment"], data["primary_metric"]
+    versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if k != "device")
+    lines = [
+        f"# Method comparison: {data['task']}",
+        "",
+        f"Command: `{data['command']}`",
+        "",
+        f"Environment: {env['cpu']}; GPU: {env['gpu'] or 'none'}; precision {env['precision']}; {versions}.",
+        "",
+        f"Quality is validation `{primary}`; mean ± standard deviation over the seeds listed. Methods on the Pareto "
+        "front of quality against trainable parameters are marked *.",
+        "",
+        f"| method | seeds | {primary} | trainable params | share | final trainable | train time (s) | samples/s "
+        "| tokens/s | peak memory (MB) | model size (MB) | steps |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in data["summary"]:
+        if not s["seeds"]:
+            lines.append(f"| {s['method']} | failed: {'; '.join(s['failed'].values())} |" + " |" * 10)
+            continue
+        star = " *" if s["method"] in front else ""
+        cells = [
+            f"{s['method']}{star}",
+            ",".join(map(str, s["seeds"])) + (f" (failed: {sorted(s['failed'])})" if s["failed"] else ""),
+            _fmt(s.get("quality"), s.get("quality_std")),
+            _fmt(int(s["trainable_params"])),
+            f"{100 * s['trainable_share']:.2f}%",
+            _fmt(int(s["final_trainable_params"])),
+            _fmt(s["train_runtime_s"], s.get("train_runtime_s_std"), 1),
+            _fmt(s["train_samples_per_s"], None, 1),
+            _fmt(s["train_tokens_per_s"], None, 0),
+            _fmt(s["peak_memory_mb"], None, 0),
+            _fmt(s["model_size_mb"], None, 2),
+            _fmt(int(s["steps"])),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "## Runs",
+        "",
+        f"| method | seed | status | {primary} | lr | train time (s) | error |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in data["runs"]:
+        lines.append(
+            f"| {r['method']} | {r['seed']} | {r['status']} | {_fmt(r.get('quality'))} | {_fmt(r.get('lr'), None, 6)} "
+            f"| {_fmt(r.get('train_runtime_s'), None, 1)} | {r['error']} |"
+        )
+    lines += ["", "Plots: `quality_vs_params.png`, `quality_vs_time.png`, `memory.png`.", ""]
+    return "\n".join(lines)
+
+
+def plots(
+    summary: list[dict[str, Any]], rows: list[dict[str, Any]], primary: str, front: set[str], root: Path
+) -> dict[str, Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display on our machines
+    import matplotlib.pyplot as plt
+
+    done = [s for s in summary if s["seeds"] and s.get("quality") is not None]
+    paths = {}
+
+    def scatter(xkey: str, xlabel: str, name: str, log: bool, mark_front: bool) -> None:
+        fig, ax = plt.subplots(figsize=(6, 4.2))
+        for s in done:
+            ax.errorbar(
+                s[xkey], s["quality"], xerr=s.get(f"{xkey}_std") or None, yerr=s.get("quality_std") or None,
+                fmt="o", capsize=3, label=s["method"],
+            )  # fmt: skip
+            ax.annotate(s["method"], (s[xkey], s["quality"]), textcoords="offset points", xytext=(5, 5))
+        if mark_front:
+            on = sorted((s[xkey], s["quality"]) for s in done if s["method"] in front)
+            if on:
+                ax.plot(*zip(*on, strict=True), "--", color="grey", label="Pareto front")
+        if log:
+            ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"validation {primary}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        paths[name] = root / f"{name}.png"
+        fig.savefig(paths[name], dpi=120)
+        plt.close(fig)
+
+    scatter("trainable_params", "trainable parameters (log)", "quality_vs_params", True, True)
+    scatter("train_runtime_s", "train time (s)", "quality_vs_time", False, False)
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    ax.bar(
+        [s["method"] for s in done], [s["peak_memory_mb"] for s in done],
+        yerr=[s.get("peak_memory_mb_std") or 0 for s in done], capsize=3,
+    )  # fmt: skip
+    ax.set_ylabel("peak memory (MB)")
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    paths["memory"] = root / "memory.png"
+    fig.savefig(paths["memory"], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def dry_run(base: Recipe, runs: list[Run]) -> str:
+    """The plan: each run's method, seed, hyperparameters and optimizer steps, and whether it would be reused."""
+    from hf_finetune.data import load_split
+    from hf_finetune.engine import steps_per_epoch
+    from hf_finetune.methods import default_lr, resolve_method
+
+    train_rows = len(load_split(base.data.train, "data.train"))
+    lines = [f"{len(runs)} runs into {base.output_dir} ({train_rows} training rows before task filtering)"]
+    for run in runs:
+        t = run.recipe.training
+        steps = t.max_steps or math.ceil(
+            steps_per_epoch(train_rows, t.batch_size, 1, t.grad_accum) * t.epochs
+        )
+        method = resolve_method(run.recipe.method, steps)
+        params = {k: v for k, v in dataclasses.asdict(method).items() if v is not None and k != "name"}
+        state = "reuse" if _finished(run) is not None else "train"
+        lines.append(
+            f"  {run.method:8s} seed {run.seed}: {state}, lr {t.lr or default_lr(run.method):g}, batch {t.batch_size}"
+            f" x {t.grad_accum}, ~{steps} steps, {params} -> {run.out}"
+        )
+    return "\n".join(lines)
+
+
+def compare(
+    recipe_path: str,
+    methods: list[str] | None = None,
+    seeds: list[int] | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    per_method: list[str] | tuple[str, ...] = (),
+    budget_matched: bool = False,
+    dry: bool = False,
+    command: str | None = None,
+    train_fn: Any = None,
+) -> dict[str, Any]:
+    base, runs = plan(recipe_path, methods, seeds, overrides, per_method, budget_matched)
+    if dry:
+        print(dry_run(base, runs))
+        return {"runs": runs, "paths": {}}
+    from hf_finetune.tasks import get_task
+
+    primary = get_task(base).primary_metric
+    execute(runs, train_fn)
+    command = command or "hf-finetune compare " + shlex.join(sys.argv[2:])
+    method_names = list(dict.fromkeys(r.method for r in runs))
+    paths = write_outputs(base, runs, method_names, command, primary)
+    return {"paths": paths, "runs": runs}

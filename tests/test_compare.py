@@ -1,0 +1,126 @@
+"""`hf-finetune compare`: runs through `train`, a table equal to each results.json, reuse, failures as rows,
+budget matching, plots."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from conftest import tiny_recipe
+
+import hf_finetune.engine as engine
+from hf_finetune.cli import main
+from hf_finetune.compare import compare, pareto
+
+
+def recipe_file(model: Path, data: Path, tmp_path: Path, **extra: object) -> Path:
+    raw = tiny_recipe(model, data, tmp_path / "cmp", **{"training.max_steps": 6, **extra})
+    path = tmp_path / "recipe.yaml"
+    path.write_text(json.dumps(raw))  # JSON is YAML
+    return path
+
+
+class CountingTrain:
+    def __init__(self, fail: str | None = None) -> None:
+        self.calls: list[tuple[str, int]] = []
+        self.fail = fail
+
+    def __call__(self, recipe):
+        self.calls.append((recipe.method.name, recipe.training.seed))
+        if recipe.method.name == self.fail:
+            raise RuntimeError(f"{self.fail} exploded")
+        return engine.train(recipe)
+
+
+def test_two_methods_two_seeds_table_equals_results_and_reruns_reuse(
+    tiny_bert_pretrained: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    recipe = recipe_file(tiny_bert_pretrained, data_dir, tmp_path)
+    counter = CountingTrain()
+    done = compare(
+        str(recipe), ["full", "lora"], [1, 2], per_method=["lora.training.lr=0.01"], train_fn=counter
+    )
+    assert sorted(counter.calls) == [("full", 1), ("full", 2), ("lora", 1), ("lora", 2)]
+    root = tmp_path / "cmp"
+    data = json.loads((root / "comparison.json").read_text())
+    assert len(data["runs"]) == 4
+    for row in data["runs"]:
+        results = json.loads((root / row["method"] / f"seed{row['seed']}" / "results.json").read_text())
+        assert results["method"] == row["method"] and results["seed"] == row["seed"]
+        assert row["quality"] == results["metrics"]["accuracy"]
+        assert row["validation/f1_macro"] == results["metrics"]["f1_macro"]
+        for key in ("trainable_params", "train_runtime_s", "train_samples_per_s", "peak_memory_mb", "steps"):
+            assert row[key] == results[key], key
+        assert row["lr"] == (0.01 if row["method"] == "lora" else results["recipe"]["training"]["lr"])
+    lora = next(s for s in data["summary"] if s["method"] == "lora")
+    accs = [r["quality"] for r in data["runs"] if r["method"] == "lora"]
+    assert lora["quality"] == pytest.approx(sum(accs) / 2) and lora["seeds"] == [1, 2]
+    with (root / "comparison.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == 4
+    md = (root / "comparison.md").read_text()
+    assert md.startswith("# Method comparison") and "Command:" in md and "torch" in md
+    for name in ("quality_vs_params", "quality_vs_time", "memory"):
+        assert (root / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    stamps = {p: p.stat().st_mtime_ns for p in root.rglob("results.json")}
+    again = CountingTrain()
+    done = compare(
+        str(recipe), ["full", "lora"], [1, 2], per_method=["lora.training.lr=0.01"], train_fn=again
+    )
+    assert again.calls == [] and {r.status for r in done["runs"]} == {"reused"}
+    assert stamps == {p: p.stat().st_mtime_ns for p in root.rglob("results.json")}
+
+    # a changed hyperparameter is a different run: only that method retrains
+    third = CountingTrain()
+    compare(str(recipe), ["full", "lora"], [1, 2], per_method=["lora.training.lr=0.02"], train_fn=third)
+    assert sorted(third.calls) == [("lora", 1), ("lora", 2)]
+
+
+def test_a_failing_method_is_a_row_and_the_others_run(
+    tiny_bert_pretrained: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    recipe = recipe_file(tiny_bert_pretrained, data_dir, tmp_path)
+    done = compare(str(recipe), ["lora", "prefix"], [1], train_fn=CountingTrain(fail="lora"))
+    status = {r.method: (r.status, r.error) for r in done["runs"]}
+    assert status["lora"] == ("failed", "RuntimeError: lora exploded") and status["prefix"][0] == "trained"
+    data = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    assert [r["status"] for r in data["runs"]] == ["failed", "trained"]
+    assert "lora exploded" in (tmp_path / "cmp" / "comparison.md").read_text()
+    assert (tmp_path / "cmp" / "lora" / "seed1" / "error.txt").exists()
+
+
+def test_budget_matched_lora_and_adalora_train_the_same_number_of_parameters(
+    tiny_bert_pretrained: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    recipe = recipe_file(tiny_bert_pretrained, data_dir, tmp_path, **{"method.r": 6})
+    done = compare(str(recipe), ["lora", "adalora"], [1], budget_matched=True)
+    counts = {r.method: r.results["trainable_params"] for r in done["runs"]}
+    assert abs(counts["adalora"] - counts["lora"]) / counts["lora"] < 0.05, counts
+    adalora = next(r for r in done["runs"] if r.method == "adalora")
+    assert adalora.recipe.method.r == 6 and adalora.recipe.method.target_r == 4
+    row = next(
+        r
+        for r in json.loads((tmp_path / "cmp" / "comparison.json").read_text())["runs"]
+        if r["method"] == "adalora"
+    )
+    assert row["final_trainable_params"] < row["trainable_params"]  # pruned ranks no longer count
+
+
+def test_dry_run_trains_nothing_and_cli_exit_codes(
+    tiny_bert_pretrained: Path, data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    recipe = recipe_file(tiny_bert_pretrained, data_dir, tmp_path)
+    assert main(["compare", str(recipe), "--methods", "full,lora", "--seeds", "1,2", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "4 runs" in out and "lora" in out and "seed 2" in out
+    assert not (tmp_path / "cmp").exists()
+    assert main(["compare", str(recipe), "--methods", "full", "--set", "lora.training.lr=1"]) == 2
+    assert "not among the methods" in capsys.readouterr().err
+    assert main(["compare", str(recipe), "--seeds", "one"]) == 2
+
+
+def test_pareto_front() -> None:
+    points = [("full", 1e6, 0.9), ("lora", 1e4, 0.88), ("prefix", 2e4, 0.85), ("ia3", 1e3, 0.7)]
+    assert pareto(points) == {"full", "lora", "ia3"}
