@@ -426,3 +426,44 @@ def test_cli_predictions_scored_by_the_official_algorithm_equal_our_metric(
     assert main(["eval", str(recipe_file), f"checkpoint={out}"]) == 0
     again = json.loads(capsys.readouterr().out)["metrics"]
     assert again["f1"] == pytest.approx(results["f1"], abs=1e-9)
+
+
+def test_version_2_trains_with_unanswerable_questions_and_reports_the_splits(
+    tiny_qa_bert: Path, qa_data: Path, tmp_path: Path
+) -> None:
+    rows = qa_rows(64, seed=8)
+    for row in rows[::3]:  # a third without the city: no answer
+        row["context"] = " ".join(w for w in row["context"].split() if w not in CITIES) or "the river"
+        row["answers"] = {"text": [], "answer_start": []}
+    write_jsonl(qa_data / "train.jsonl", rows)
+    write_jsonl(qa_data / "validation.jsonl", rows[:30])
+    raw = qa_recipe(tiny_qa_bert, qa_data, tmp_path / "v1")
+    with pytest.raises(InputError, match=r"row 0 \(id 's8-0'\): no answer.*version_2_with_negative"):
+        engine.train(recipe_from_dict(raw))
+    raw = qa_recipe(
+        tiny_qa_bert, qa_data, tmp_path / "v2", **{"qa.version_2_with_negative": True, "training.lr": 3e-3}
+    )
+    metrics = engine.train(recipe_from_dict(raw))["metrics"]
+    assert metrics["NoAns_total"] == 10 and metrics["HasAns_total"] == 20
+    assert {"exact_match", "f1", "HasAns_f1", "NoAns_f1", "eval_loss"} <= metrics.keys()
+
+
+def test_csv_with_answers_as_json_and_other_column_names(tiny_qa_bert: Path, tmp_path: Path) -> None:
+    import csv as csv_module
+
+    rows = qa_rows(48, seed=9)
+    for name in ("train", "validation"):
+        with (tmp_path / f"{name}.csv").open("w", newline="") as f:
+            writer = csv_module.writer(f)
+            writer.writerow(["qid", "q", "passage", "gold"])
+            for r in rows:
+                writer.writerow([r["id"], r["question"], r["context"], json.dumps(r["answers"])])
+    raw = qa_recipe(tiny_qa_bert, tmp_path, tmp_path / "out")
+    raw["data"] = {
+        "train": {"path": str(tmp_path / "train.csv")},
+        "validation": {"path": str(tmp_path / "validation.csv")},
+        "columns": {"id": "qid", "question": "q", "context": "passage", "answers": "gold"},
+    }
+    raw["training"]["max_steps"] = 2
+    results = engine.train(recipe_from_dict(raw))
+    assert results["metrics"]["f1"] >= 0 and results["steps"] == 2
