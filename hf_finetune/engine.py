@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedType, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, get_scheduler
+from transformers import AutoConfig, AutoTokenizer, get_scheduler
 
 from hf_finetune import checkpoint
 from hf_finetune.data import load_splits
+from hf_finetune.errors import InputError
 from hf_finetune.hub import resolve_model
 from hf_finetune.methods import apply_method, build_optimizer, default_lr, resolve_method
 from hf_finetune.recipe import Recipe
@@ -25,13 +27,14 @@ from hf_finetune.system import choose_precision, peak_memory_mb, versions
 from hf_finetune.tasks import get_task
 
 
-def steps_per_epoch(num_examples: int, batch_size: int, world_size: int, grad_accum: int) -> int:
-    """Optimizer steps in one epoch: accelerate deals whole batches round-robin to processes and syncs at the end."""
-    batches_per_process = math.ceil(math.ceil(num_examples / batch_size) / world_size)
-    return math.ceil(batches_per_process / grad_accum)
+def steps_per_epoch(num_examples: int, global_batch: int, grad_accum: int) -> int:
+    """Optimizer steps in one epoch: the loader deals global batches (split across processes) and accelerate syncs
+    gradients at the end of the epoch even when the last accumulation window is short."""
+    return math.ceil(math.ceil(num_examples / global_batch) / grad_accum)
 
 
-def train(recipe: Recipe) -> dict[str, Any]:
+def train(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
+    """Run the recipe; `overwrite` lets it replace a finished run in `output_dir` (otherwise refused)."""
     t = recipe.training
     out = Path(recipe.output_dir)
     accelerator = Accelerator(
@@ -39,13 +42,21 @@ def train(recipe: Recipe) -> dict[str, Any]:
         mixed_precision=choose_precision(t.precision),
         log_with="tensorboard",
         project_dir=str(out),
+        # The loader yields global batches that accelerate splits evenly across processes, so N processes with batch
+        # b see exactly the batches of one process with batch N*b: same data order, same loss curve, same schedule
+        # (the scheduler then steps once per optimizer step instead of N times).
+        dataloader_config=DataLoaderConfiguration(split_batches=True),
     )
+    world = accelerator.num_processes
     set_seed(t.seed)
     task = get_task(recipe)
     raw = load_splits(recipe.data)
     task.prepare(raw)  # every data problem surfaces before weights load
+    checkpoint.check_output_dir(out, t.resume, overwrite)
+    resume_from = checkpoint.find_resume_checkpoint(out, t.resume)
 
     model_path = resolve_model(recipe.model.name_or_path, recipe.model.revision)
+    check_model(model_path, recipe)
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=recipe.model.trust_remote_code)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         # GPT-style tokenizers ship without a pad token; batches need one
@@ -53,7 +64,8 @@ def train(recipe: Recipe) -> dict[str, Any]:
     with accelerator.main_process_first():  # one process tokenises, the others read datasets' cache
         encoded = task.preprocess(raw, tokenizer)
     train_set = encoded["train"]
-    per_epoch = steps_per_epoch(len(train_set), t.batch_size, accelerator.num_processes, t.grad_accum)
+    global_batch = t.batch_size * world
+    per_epoch = steps_per_epoch(len(train_set), global_batch, t.grad_accum)
     total_steps = t.max_steps or max(1, math.ceil(per_epoch * t.epochs))
     epochs = math.ceil(total_steps / per_epoch)
 
@@ -67,13 +79,16 @@ def train(recipe: Recipe) -> dict[str, Any]:
 
     collate = task.collator(tokenizer)
     sampler = LengthGroupedSampler(
-        train_set["length"], t.batch_size * t.grad_accum, t.seed, t.group_by_length
+        train_set["length"], global_batch * t.grad_accum, t.seed, t.group_by_length
     )
+    # its own generator: a DataLoader without one draws its worker seed from the global RNG at every iter(), which
+    # a resumed run would do once more than the uninterrupted one, shifting every dropout mask after it
     train_loader = DataLoader(
-        train_set.remove_columns("length"), t.batch_size, sampler=sampler, collate_fn=collate
-    )
+        train_set.remove_columns("length"), global_batch, sampler=sampler, collate_fn=collate,
+        generator=torch.Generator().manual_seed(t.seed),
+    )  # fmt: skip
     eval_loaders = {
-        split: eval_loader(encoded[split], t.eval_batch, collate)
+        split: eval_loader(encoded[split], t.eval_batch * world, collate)
         for split in ("validation", "test")
         if split in encoded
     }
@@ -88,47 +103,59 @@ def train(recipe: Recipe) -> dict[str, Any]:
     eval_loaders = {k: accelerator.prepare(v) for k, v in eval_loaders.items()}
 
     resolved = {**recipe.to_dict(), "method": method.__dict__, "training": {**t.__dict__, "lr": lr}}
+    state: dict[str, Any] = {"step": 0, "running_loss": 0.0, "micro_batches": 0}
+    if resume_from is not None:
+        state = checkpoint.load_state(accelerator, resume_from)
+    step = state["step"]
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        if not t.resume:
-            (out / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh log
+        if overwrite and not t.resume:
+            # the replaced run's checkpoints: resuming from them later would mix two runs
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        # drop what an interrupted run logged after its checkpoint; a fresh run starts a fresh log
+        checkpoint.trim_metrics(out / "metrics.jsonl", step)
         (out / "recipe.resolved.json").write_text(json.dumps(resolved, indent=2))
     accelerator.init_trackers("tensorboard")
     log = checkpoint.MetricsLog(out / "metrics.jsonl", accelerator)
+    higher_is_better = "loss" not in t.best_metric
 
-    step, skip = 0, 0
-    if t.resume:
-        step = checkpoint.load_latest(accelerator, out)
-        skip = (step * t.grad_accum) % len(
-            train_loader
-        )  # micro-batches of the interrupted epoch already seen
     progress = tqdm(
         total=total_steps, initial=step, disable=not accelerator.is_local_main_process, desc="train"
     )
     model.train()
-    samples, micro_batches = 0, 0
-    running_loss = torch.zeros((), device=accelerator.device)
+    samples, micro_batches = 0, state["micro_batches"]
+    # the interrupted run's loss since its last log line, so the next line averages the same micro-batches
+    running_loss = torch.tensor(state["running_loss"], device=accelerator.device)
     tokens = torch.zeros((), dtype=torch.long, device=accelerator.device)
+    window_bad = False
     start = time.perf_counter()
-    last_eval: dict[str, float] = {}
     for epoch in range(step // per_epoch, epochs):
-        sampler.set_epoch(epoch)
+        train_loader.set_epoch(epoch)  # accelerate's loader reseeds the sampler from its own epoch counter
+        # micro-batches of this epoch the checkpoint already covers
+        skip = (step - epoch * per_epoch) * t.grad_accum
         loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
-        skip = 0
         for batch in loader:
             with accelerator.accumulate(model):
                 with accelerator.autocast():
                     loss = model(**batch).loss
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and t.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-                optimizer.step()
+                # the same verdict on every process, so all of them take the same branch
+                bad = accelerator.reduce((~torch.isfinite(loss.detach())).float(), "sum").item() > 0
+                if bad and not t.skip_nonfinite_batches:
+                    raise InputError(nonfinite_message(step + 1, loss, out))
+                window_bad |= bad
+                if not window_bad:
+                    accelerator.backward(loss)
+                if accelerator.sync_gradients and not window_bad:
+                    if t.max_grad_norm:
+                        accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+                    optimizer.step()
                 scheduler.step()
-                if accelerator.sync_gradients and on_step_end is not None:
+                if accelerator.sync_gradients and on_step_end is not None and not window_bad:
                     on_step_end(accelerator.unwrap_model(model), step + 1)
-                optimizer.zero_grad()
-            running_loss += loss.detach()
-            micro_batches += 1
+                optimizer.zero_grad()  # a skipped window's partial gradients go too
+            if not bad:
+                running_loss += loss.detach()
+                micro_batches += 1
             samples += batch["input_ids"].shape[0]
             tokens += (
                 batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel()
@@ -137,23 +164,37 @@ def train(recipe: Recipe) -> dict[str, Any]:
                 continue
             step += 1
             progress.update(1)
-            if step % t.logging_every == 0 or step == total_steps:
+            if window_bad:
+                log.write({"step": step, "epoch": epoch, "skipped_nonfinite_batch": True})
+                window_bad = False
+            if (step % t.logging_every == 0 or step == total_steps) and micro_batches:
                 # one host-device sync per logging interval, not per step
                 mean_loss = accelerator.reduce(running_loss, "mean").item() / micro_batches
                 running_loss.zero_()
                 micro_batches = 0
                 log.write({"step": step, "epoch": epoch, "loss": mean_loss, "lr": scheduler.get_last_lr()[0]})
                 progress.set_postfix(loss=f"{mean_loss:.4f}")
+            scores = None
             if (
                 t.eval_every
                 and step % t.eval_every == 0
                 and step < total_steps
                 and "validation" in eval_loaders
             ):
-                last_eval = task.evaluate(model, eval_loaders["validation"], accelerator)
-                log.write({"step": step, **{f"validation/{k}": v for k, v in last_eval.items()}})
+                scores = task.evaluate(model, eval_loaders["validation"], accelerator)
+                if t.best_metric not in scores:
+                    raise InputError(
+                        f"training.best_metric: {t.best_metric!r} is not one of {', '.join(scores)}"
+                    )
+                log.write({"step": step, **{f"validation/{k}": v for k, v in scores.items()}})
             if t.save_every and step % t.save_every == 0:
-                checkpoint.save_state(accelerator, out, step)
+                state = {
+                    "step": step,
+                    "running_loss": accelerator.reduce(running_loss, "mean").item(),
+                    "micro_batches": micro_batches,
+                    "score": scores.get(t.best_metric) if scores else None,
+                }
+                checkpoint.save_state(accelerator, out, state, t.save_total_limit, higher_is_better)
             if step >= total_steps:
                 break
         if step >= total_steps:
@@ -167,7 +208,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
     )
     test_metrics = task.evaluate(model, eval_loaders["test"], accelerator) if "test" in eval_loaders else None
     log.write({"step": step, **{f"validation/{k}": v for k, v in metrics.items()}})
-    world = accelerator.num_processes
+    best = out / "checkpoints" / "best.json"
     results = {
         "task": recipe.task,
         "method": method.name,
@@ -177,7 +218,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
         "trainable_params": trainable,
         "total_params": total,
         "train_runtime_s": runtime,
-        # counts are this process's; every process sees the same number of batches, so scale by the world size
+        # counts are this process's; every process sees the same number of examples, so scale by the world size
         "train_samples_per_s": samples * world / runtime if runtime else 0.0,
         "train_tokens_per_s": tokens * world / runtime if runtime else 0.0,
         "peak_memory_mb": peak_memory_mb(accelerator.device),
@@ -185,19 +226,61 @@ def train(recipe: Recipe) -> dict[str, Any]:
         "epochs": step / per_epoch,
         "seed": t.seed,
         "world_size": world,
-        "global_batch_size": t.batch_size * t.grad_accum * world,
+        "global_batch_size": global_batch * t.grad_accum,
         "precision": accelerator.mixed_precision,
+        **({"best_checkpoint": json.loads(best.read_text())} if best.is_file() else {}),
         "versions": versions(),
         "recipe": resolved,
     }
+    # FSDP and DeepSpeed ZeRO-3 hold shards: the full state is gathered collectively, on every process
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    full_state = accelerator.get_state_dict(model) if sharded else None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         checkpoint.save_final(
-            accelerator.unwrap_model(model), tokenizer, task, recipe, method.name, out / "model"
+            accelerator.unwrap_model(model), tokenizer, task, recipe, method.name, out / "model", full_state
         )
         checkpoint.write_json_atomic(out / "results.json", results)
     accelerator.end_training()
     return results
+
+
+def nonfinite_message(step: int, loss: torch.Tensor, out: Path) -> str:
+    done = checkpoint.complete_checkpoints(out)
+    kept = f"the last good checkpoint is {done[-1]}" if done else "no checkpoint was written"
+    return (
+        f"training step {step}: loss is {loss.item()}; {kept}. Lower training.lr, or set "
+        "training.skip_nonfinite_batches=true to skip such batches"
+    )
+
+
+def check_model(model_path: str, recipe: Recipe) -> None:
+    """Config-level checks before any weights load: remote code allowed, max_length within the position table."""
+    try:
+        config = AutoConfig.from_pretrained(
+            model_path, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code
+        )
+    except ValueError as err:
+        if "trust_remote_code" not in str(err):
+            raise
+        raise InputError(
+            f"model.name_or_path: {recipe.model.name_or_path} ships its own modelling code (auto_map in its "
+            "config.json); set model.trust_remote_code=true only if you trust that code"
+        ) from err
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if positions is None:
+        return
+    # RoBERTa-style models number positions from padding_idx + 1, so their table holds that many fewer tokens
+    offset = (config.pad_token_id or 0) + 1 if config.model_type in OFFSET_POSITIONS else 0
+    limit = positions - offset
+    if recipe.training.max_length > limit:
+        raise InputError(
+            f"training.max_length: {recipe.training.max_length} is longer than {recipe.model.name_or_path} can take "
+            f"({limit} positions); set training.max_length<={limit}"
+        )
+
+
+OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "longformer", "data2vec-text", "xmod")
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
