@@ -67,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except InputError as err:
+        from tqdm import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", ())):
+            bar.close()  # so the message gets a line of its own instead of trailing a progress bar
         print(f"hf-finetune: error: {err}", file=sys.stderr)
         return 2
 

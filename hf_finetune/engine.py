@@ -141,7 +141,6 @@ def train(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
                 # the same verdict on every process, so all of them take the same branch
                 bad = accelerator.reduce((~torch.isfinite(loss.detach())).float(), "sum").item() > 0
                 if bad and not t.skip_nonfinite_batches:
-                    progress.close()  # the error gets a line of its own, not the tail of the bar
                     raise InputError(nonfinite_message(step + 1, loss, out))
                 window_bad |= bad
                 if not window_bad:
@@ -184,7 +183,6 @@ def train(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
             ):
                 scores = task.evaluate(model, eval_loaders["validation"], accelerator)
                 if t.best_metric not in scores:
-                    progress.close()
                     raise InputError(
                         f"training.best_metric: {t.best_metric!r} is not one of {', '.join(scores)}"
                     )
