@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from hf_finetune.data import load_splits
 from hf_finetune.errors import InputError
 from hf_finetune.hub import resolve_model
 from hf_finetune.methods import apply_method, build_optimizer, default_lr, resolve_method
-from hf_finetune.recipe import Recipe
+from hf_finetune.recipe import Recipe, TrainingConfig
 from hf_finetune.sampling import LengthGroupedSampler, eval_loader
 from hf_finetune.system import choose_precision, peak_memory_mb, versions
 from hf_finetune.tasks import get_task
@@ -37,16 +38,7 @@ def train(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
     """Run the recipe; `overwrite` lets it replace a finished run in `output_dir` (otherwise refused)."""
     t = recipe.training
     out = Path(recipe.output_dir)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=t.grad_accum,
-        mixed_precision=choose_precision(t.precision),
-        log_with="tensorboard",
-        project_dir=str(out),
-        # The loader yields global batches that accelerate splits evenly across processes, so N processes with batch
-        # b see exactly the batches of one process with batch N*b: same data order, same loss curve, same schedule
-        # (the scheduler then steps once per optimizer step instead of N times).
-        dataloader_config=DataLoaderConfiguration(split_batches=True),
-    )
+    accelerator = make_accelerator(t, out)
     world = accelerator.num_processes
     set_seed(t.seed)
     task = get_task(recipe)
@@ -243,6 +235,30 @@ def train(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
         checkpoint.write_json_atomic(out / "results.json", results)
     accelerator.end_training()
     return results
+
+
+def make_accelerator(t: TrainingConfig, out: Path) -> Accelerator:
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    has_device = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+    accelerator = Accelerator(
+        gradient_accumulation_steps=t.grad_accum,
+        mixed_precision=choose_precision(t.precision),
+        log_with="tensorboard",
+        project_dir=str(out),
+        # The loader yields global batches that accelerate splits evenly across processes, so N processes with batch
+        # b see exactly the batches of one process with batch N*b: same data order, same loss curve, same schedule
+        # (the scheduler then steps once per optimizer step instead of N times).
+        dataloader_config=DataLoaderConfiguration(split_batches=True),
+        # `accelerate launch --multi_gpu` on a machine without GPUs starts torchrun processes that accelerate 1.15
+        # would run as unrelated single processes; cpu=True makes them one gloo process group
+        cpu=launched > 1 and not has_device,
+    )
+    if accelerator.num_processes != launched:
+        raise RuntimeError(
+            f"the launcher started {launched} processes but accelerate sees {accelerator.num_processes}; "
+            "they would train independently and write over each other's files"
+        )
+    return accelerator
 
 
 def nonfinite_message(step: int, loss: torch.Tensor, out: Path) -> str:
