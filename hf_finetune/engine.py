@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -12,7 +13,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, DistributedType, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedType, gather_object, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoTokenizer, get_scheduler
@@ -224,6 +225,7 @@ def train(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
         "versions": versions(),
         "recipe": resolved,
     }
+    check_replicas_agree(accelerator, accelerator.unwrap_model(model))
     # FSDP and DeepSpeed ZeRO-3 hold shards: the full state is gathered collectively, on every process
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     full_state = accelerator.get_state_dict(model) if sharded else None
@@ -233,13 +235,24 @@ def train(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
             accelerator.unwrap_model(model), tokenizer, task, recipe, method.name, out / "model", full_state
         )
         checkpoint.write_json_atomic(out / "results.json", results)
+    accelerator.wait_for_everyone()  # tear the process group down together, not while process 0 still writes
+    if world > 1:
+        # torch 2.13 + gloo: a DDP Reducer left to the garbage collector at interpreter exit destroys the process
+        # group while holding the GIL, and the gloo thread still releasing the last collective waits for that GIL: a
+        # deadlock at exit (1 run in ~4 here). Free the wrapped model while the group lives, then let that thread finish.
+        del model, optimizer, scheduler, train_loader, eval_loaders
+        accelerator.free_memory()
+        gc.collect()
+        time.sleep(0.2)
     accelerator.end_training()
     return results
 
 
 def make_accelerator(t: TrainingConfig, out: Path) -> Accelerator:
     launched = int(os.environ.get("WORLD_SIZE", "1"))
-    has_device = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+    has_device = (
+        torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+    )
     accelerator = Accelerator(
         gradient_accumulation_steps=t.grad_accum,
         mixed_precision=choose_precision(t.precision),
@@ -259,6 +272,21 @@ def make_accelerator(t: TrainingConfig, out: Path) -> Accelerator:
             "they would train independently and write over each other's files"
         )
     return accelerator
+
+
+def check_replicas_agree(accelerator: Accelerator, model: torch.nn.Module) -> None:
+    """Every process must end with the same model: DDP syncs gradients, but state a method keeps outside them (AdaLoRA's
+    rank pattern, decided from gradients on each process) could drift and would be saved from process 0 only."""
+    if accelerator.distributed_type not in (DistributedType.MULTI_GPU, DistributedType.MULTI_CPU):
+        return
+    config = getattr(model, "peft_config", {}).get("default")
+    fingerprint = (
+        sum(float(p.detach().double().sum()) for p in model.parameters() if p.requires_grad),
+        json.dumps(getattr(config, "rank_pattern", None), sort_keys=True, default=str),
+    )
+    seen = gather_object([fingerprint])
+    if any(f != seen[0] for f in seen):
+        raise RuntimeError(f"processes ended with different models (parameter sum, rank pattern): {seen}")
 
 
 def nonfinite_message(step: int, loss: torch.Tensor, out: Path) -> str:
