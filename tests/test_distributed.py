@@ -112,3 +112,16 @@ def test_two_processes_match_one_with_twice_the_batch(
             json.loads((d / "model" / "adapter_config.json").read_text())["rank_pattern"] for d in (one, two)
         ]
         assert saved[1] and saved[1] == saved[0]
+
+
+def test_shipped_accelerate_configs_parse() -> None:
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    kinds = {
+        path.stem: str(load_config_from_file(str(path)).distributed_type).rsplit(".", 1)[-1]
+        for path in (ROOT / "scripts" / "accelerate").glob("*.yaml")
+    }
+    assert kinds == {
+        "single_gpu": "NO", "multi_gpu": "MULTI_GPU", "fsdp_full_shard": "FSDP", "deepspeed_zero2": "DEEPSPEED",
+        "deepspeed_zero3": "DEEPSPEED", "multi_node": "MULTI_GPU",
+    }  # fmt: skip
