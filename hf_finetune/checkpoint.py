@@ -46,6 +46,16 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
 
+def prepare_output_dir(out: Path, step: int, replace: bool, resolved: dict[str, Any]) -> None:
+    """Main process only, once every check has passed: the folder, the log continued from `step`, the recipe."""
+    out.mkdir(parents=True, exist_ok=True)
+    if replace:
+        # the replaced run's checkpoints: resuming from them later would mix two runs
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    trim_metrics(out / "metrics.jsonl", step)
+    (out / "recipe.resolved.json").write_text(json.dumps(resolved, indent=2))
+
+
 def trim_metrics(path: Path, step: int) -> None:
     """Keep the log lines up to `step`: a resumed run rewrites what the interrupted one logged after its checkpoint;
     a fresh run (step 0) starts a fresh log."""
@@ -119,6 +129,11 @@ def find_resume_checkpoint(out: Path, resume: bool | str) -> Path | None:
             )
         return path
     done = complete_checkpoints(out) if resume else []
+    if resume and not done and any((out / name).exists() for name in RUN_MARKERS):
+        raise InputError(
+            f"training.resume: {out} holds a run but no complete checkpoint to resume from; pass --overwrite to "
+            "start it over"
+        )
     return done[-1] if done else None
 
 

@@ -6,7 +6,6 @@ import gc
 import json
 import math
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -70,21 +69,7 @@ def train(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
     model, on_step_end = apply_method(model, method, task.peft_task_type, task.head_modules, total_steps)
     trainable, total = count_parameters(model)
 
-    collate = task.collator(tokenizer)
-    sampler = LengthGroupedSampler(
-        train_set["length"], global_batch * t.grad_accum, t.seed, t.group_by_length
-    )
-    # its own generator: a DataLoader without one draws its worker seed from the global RNG at every iter(), which
-    # a resumed run would do once more than the uninterrupted one, shifting every dropout mask after it
-    train_loader = DataLoader(
-        train_set.remove_columns("length"), global_batch, sampler=sampler, collate_fn=collate,
-        generator=torch.Generator().manual_seed(t.seed),
-    )  # fmt: skip
-    eval_loaders = {
-        split: eval_loader(encoded[split], t.eval_batch * world, collate)
-        for split in ("validation", "test")
-        if split in encoded
-    }
+    train_loader, eval_loaders = build_loaders(task, encoded, tokenizer, t, world)
     optimizer = build_optimizer(model, method, lr, t.weight_decay)
     scheduler = get_scheduler(
         t.scheduler,
@@ -99,15 +84,15 @@ def train(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
     state: dict[str, Any] = {"step": 0, "running_loss": 0.0, "micro_batches": 0}
     if resume_from is not None:
         state = checkpoint.load_state(accelerator, resume_from)
+        if state.get("global_batch", global_batch * t.grad_accum) != global_batch * t.grad_accum:
+            # the checkpoint's step counts batches of its own size: another size lands elsewhere in the data
+            raise InputError(
+                f"training.resume: {resume_from} was written with global batch {state['global_batch']}, this run has "
+                f"{global_batch * t.grad_accum} (batch_size x processes x grad_accum); resume with the same settings"
+            )
     step = state["step"]
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        if overwrite and not t.resume:
-            # the replaced run's checkpoints: resuming from them later would mix two runs
-            shutil.rmtree(out / "checkpoints", ignore_errors=True)
-        # drop what an interrupted run logged after its checkpoint; a fresh run starts a fresh log
-        checkpoint.trim_metrics(out / "metrics.jsonl", step)
-        (out / "recipe.resolved.json").write_text(json.dumps(resolved, indent=2))
+        checkpoint.prepare_output_dir(out, step, replace=overwrite and not t.resume, resolved=resolved)
     accelerator.init_trackers("tensorboard")
     log = checkpoint.MetricsLog(out / "metrics.jsonl", accelerator)
     higher_is_better = "loss" not in t.best_metric
@@ -185,6 +170,7 @@ def train(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
                     "step": step,
                     "running_loss": accelerator.reduce(running_loss, "mean").item(),
                     "micro_batches": micro_batches,
+                    "global_batch": global_batch * t.grad_accum,
                     "score": scores.get(t.best_metric) if scores else None,
                 }
                 checkpoint.save_state(accelerator, out, state, t.save_total_limit, higher_is_better)
@@ -246,6 +232,30 @@ def train(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
         time.sleep(0.2)
     accelerator.end_training()
     return results
+
+
+def build_loaders(
+    task: Any, encoded: Any, tokenizer: Any, t: TrainingConfig, world: int
+) -> tuple[DataLoader, dict[str, DataLoader]]:
+    """The training loader deals global batches (batch_size x processes), which accelerate splits across processes."""
+    collate = task.collator(tokenizer)
+    global_batch = t.batch_size * world
+    train_set = encoded["train"]
+    sampler = LengthGroupedSampler(
+        train_set["length"], global_batch * t.grad_accum, t.seed, t.group_by_length
+    )
+    # its own generator: a DataLoader without one draws its worker seed from the global RNG at every iter(), which
+    # a resumed run would do once more than the uninterrupted one, shifting every dropout mask after it
+    train_loader = DataLoader(
+        train_set.remove_columns("length"), global_batch, sampler=sampler, collate_fn=collate,
+        generator=torch.Generator().manual_seed(t.seed),
+    )  # fmt: skip
+    eval_loaders = {
+        split: eval_loader(encoded[split], t.eval_batch * world, collate)
+        for split in ("validation", "test")
+        if split in encoded
+    }
+    return train_loader, eval_loaders
 
 
 def make_accelerator(t: TrainingConfig, out: Path) -> Accelerator:

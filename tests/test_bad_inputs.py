@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,6 +115,11 @@ def custom_code_model(c: Ctx) -> Path:
     return folder
 
 
+def resume_without_checkpoints(c: Ctx) -> list[str]:
+    shutil.rmtree(c.out / "checkpoints")  # a run killed before its first checkpoint
+    return train(c, "training.resume=true")
+
+
 def bytes_file(c: Ctx, name: str, content: bytes) -> Path:
     (c.tmp / name).write_bytes(content)
     return c.tmp / name
@@ -173,6 +179,10 @@ CASES: dict[str, tuple[Callable[[Ctx], list[str]], list[str], bool]] = {
     "output_dir_holds_another_run": (lambda c: train(c), ["output_dir", "already holds a run", "--overwrite"], True),
     "resume_path_not_a_checkpoint": (
         lambda c: train(c, f"training.resume={c.data}"), ["training.resume", "is not a checkpoint"], True,
+    ),
+    "resume_with_no_checkpoint": (
+        lambda c: resume_without_checkpoints(c),
+        ["training.resume", "no complete checkpoint", "--overwrite"], True,
     ),
     "eval_checkpoint_not_a_checkpoint": (
         lambda c: ["eval", str(c.recipe), f"checkpoint={c.data}"], ["checkpoint", "holds no hf_finetune.json"], True,
@@ -258,6 +268,14 @@ def test_disk_full_while_saving_keeps_previous_work(
     assert snapshot(ctx.out / "model") == kept["model"]
     assert snapshot(ctx.out / "results.json") == kept["results.json"]
     assert not (ctx.out / ".model.tmp").exists()
+
+    # a checkpoint counts batches of its own size: resuming with another global batch is refused
+    expect_exit_2(
+        train(ctx, "training.resume=true", "training.max_steps=3", "training.batch_size=8"),
+        capsys,
+        ["training.resume", "global batch 16", "this run has 8"],
+    )
+    assert snapshot(ctx.out / "checkpoints") == kept["checkpoints"]
 
 
 def test_catalogue_size() -> None:
