@@ -20,7 +20,8 @@ import torch
 from accelerate import Accelerator
 from peft import PeftModel, get_peft_model_state_dict
 from peft.utils import SAFETENSORS_WEIGHTS_NAME as SAFE_ADAPTER_NAME
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from hf_finetune.errors import InputError
@@ -31,6 +32,7 @@ from hf_finetune.tasks import Task, get_task
 
 INFO_NAME = "hf_finetune.json"
 STATE_NAME = "trainer_state.json"
+HOOK_STATE_NAME = "method_state.safetensors"
 
 
 class MetricsLog:
@@ -137,6 +139,15 @@ def find_resume_checkpoint(out: Path, resume: bool | str) -> Path | None:
     return done[-1] if done else None
 
 
+def load_hook_state(folder: Path) -> tuple[dict[str, torch.Tensor], dict] | None:
+    path = folder / HOOK_STATE_NAME
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["state"])
+    return load_file(str(path)), meta
+
+
 def load_state(accelerator: Accelerator, folder: Path) -> dict[str, Any]:
     """Restore model, optimizer, scheduler and every process's RNG states; returns the loop's own state.
 
@@ -147,7 +158,12 @@ def load_state(accelerator: Accelerator, folder: Path) -> dict[str, Any]:
 
 
 def save_state(
-    accelerator: Accelerator, out: Path, state: dict[str, Any], keep: int | None, higher_is_better: bool
+    accelerator: Accelerator,
+    out: Path,
+    state: dict[str, Any],
+    keep: int | None,
+    higher_is_better: bool,
+    hook_state: tuple[dict[str, torch.Tensor], dict] | None = None,
 ) -> Path:
     """Model/adapter, optimizer, scheduler and RNG states (accelerate), plus the loop's `state` (step, running loss,
     the evaluation at this step) in trainer_state.json, written last so its presence marks a whole checkpoint."""
@@ -160,6 +176,10 @@ def save_state(
         accelerator.save_state(str(tmp))
         accelerator.wait_for_everyone()  # every process's RNG file is in before the rename
         if accelerator.is_main_process:
+            if hook_state is not None:
+                # a method hook's own state (AdaLoRA's allocator) as safetensors, so resuming unpickles nothing of ours
+                tensors = {k: v.detach().contiguous().cpu() for k, v in hook_state[0].items()}
+                save_file(tensors, str(tmp / HOOK_STATE_NAME), metadata={"state": json.dumps(hook_state[1])})
             (tmp / STATE_NAME).write_text(json.dumps(state))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)

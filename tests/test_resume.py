@@ -44,7 +44,9 @@ def losses(out: Path) -> list[dict]:
 
 
 def weights(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(out / "model" / "model.safetensors"))
+    """The final model's saved tensors: the whole model, or the adapter and head for PEFT methods."""
+    (file,) = (out / "model").glob("*.safetensors")
+    return load_file(str(file))
 
 
 def assert_same_run(a: Path, b: Path) -> None:
@@ -59,13 +61,13 @@ def assert_same_run(a: Path, b: Path) -> None:
     assert losses(a) == losses(b)
 
 
-@pytest.fixture
-def resume_recipe(tiny_bert: Path, data_dir: Path, tmp_path: Path) -> Path:
+@pytest.fixture(params=["full", "lora", "adalora"])
+def resume_recipe(request: pytest.FixtureRequest, tiny_bert: Path, data_dir: Path, tmp_path: Path) -> Path:
     # 256 rows, batch 16: 16 steps an epoch, 2 epochs. Checkpoints every 5 steps, log lines every 3 and evaluations
     # every 10, so a checkpoint falls between log lines (the running loss must survive) and mid-epoch.
     # The model keeps BERT's dropout 0.1: bit-identity needs the RNG states restored, not merely the weights.
     raw = tiny_recipe(tiny_bert, data_dir, tmp_path / "unused", **{
-        "method.name": "full", "training.lr": 1e-3, "training.epochs": 2, "training.save_every": 5,
+        "method.name": request.param, "training.lr": 1e-3, "training.epochs": 2, "training.save_every": 5,
         "training.logging_every": 3, "training.eval_every": 10,
     })  # fmt: skip
     path = tmp_path / "recipe.yaml"
