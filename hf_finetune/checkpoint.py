@@ -139,22 +139,27 @@ def find_resume_checkpoint(out: Path, resume: bool | str) -> Path | None:
     return done[-1] if done else None
 
 
-def load_hook_state(folder: Path) -> tuple[dict[str, torch.Tensor], dict] | None:
-    path = folder / HOOK_STATE_NAME
-    if not path.is_file():
-        return None
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads(f.metadata()["state"])
-    return load_file(str(path)), meta
-
-
-def load_state(accelerator: Accelerator, folder: Path) -> dict[str, Any]:
-    """Restore model, optimizer, scheduler and every process's RNG states; returns the loop's own state.
+def load_state(
+    accelerator: Accelerator, folder: Path, global_batch: int, hook: Any, model: torch.nn.Module
+) -> dict[str, Any]:
+    """Restore model, optimizer, scheduler, every process's RNG states and the method hook's state; returns the loop's
+    own state.
 
     accelerate reads optimizer, scheduler and RNG files with `torch.load(weights_only=True)` plus an allow-list of
     numpy types (accelerate.utils.other.load); model weights come from safetensors."""
+    state = json.loads((folder / STATE_NAME).read_text())
+    if state.get("global_batch", global_batch) != global_batch:
+        # the checkpoint's step counts batches of its own size: another size lands elsewhere in the data
+        raise InputError(
+            f"training.resume: {folder} was written with global batch {state['global_batch']}, this run has "
+            f"{global_batch} (batch_size x processes x grad_accum); resume with the same settings"
+        )
     accelerator.load_state(str(folder))
-    return json.loads((folder / STATE_NAME).read_text())
+    if (folder / HOOK_STATE_NAME).is_file() and hasattr(hook, "load_state_dict"):
+        with safe_open(str(folder / HOOK_STATE_NAME), framework="pt") as f:
+            meta = json.loads(f.metadata()["state"])
+        hook.load_state_dict(model, load_file(str(folder / HOOK_STATE_NAME)), meta)
+    return state
 
 
 def save_state(
@@ -163,7 +168,8 @@ def save_state(
     state: dict[str, Any],
     keep: int | None,
     higher_is_better: bool,
-    hook_state: tuple[dict[str, torch.Tensor], dict] | None = None,
+    hook: Any = None,
+    model: torch.nn.Module | None = None,
 ) -> Path:
     """Model/adapter, optimizer, scheduler and RNG states (accelerate), plus the loop's `state` (step, running loss,
     the evaluation at this step) in trainer_state.json, written last so its presence marks a whole checkpoint."""
@@ -176,10 +182,11 @@ def save_state(
         accelerator.save_state(str(tmp))
         accelerator.wait_for_everyone()  # every process's RNG file is in before the rename
         if accelerator.is_main_process:
-            if hook_state is not None:
+            if hasattr(hook, "state_dict"):
                 # a method hook's own state (AdaLoRA's allocator) as safetensors, so resuming unpickles nothing of ours
-                tensors = {k: v.detach().contiguous().cpu() for k, v in hook_state[0].items()}
-                save_file(tensors, str(tmp / HOOK_STATE_NAME), metadata={"state": json.dumps(hook_state[1])})
+                tensors, meta = hook.state_dict(model)
+                tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+                save_file(tensors, str(tmp / HOOK_STATE_NAME), metadata={"state": json.dumps(meta)})
             (tmp / STATE_NAME).write_text(json.dumps(state))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)

@@ -83,16 +83,13 @@ def train(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
     resolved = {**recipe.to_dict(), "method": method.__dict__, "training": {**t.__dict__, "lr": lr}}
     state: dict[str, Any] = {"step": 0, "running_loss": 0.0, "micro_batches": 0}
     if resume_from is not None:
-        state = checkpoint.load_state(accelerator, resume_from)
-        hook_state = checkpoint.load_hook_state(resume_from)
-        if hook_state is not None and hasattr(on_step_end, "load_state_dict"):
-            on_step_end.load_state_dict(accelerator.unwrap_model(model), *hook_state)
-        if state.get("global_batch", global_batch * t.grad_accum) != global_batch * t.grad_accum:
-            # the checkpoint's step counts batches of its own size: another size lands elsewhere in the data
-            raise InputError(
-                f"training.resume: {resume_from} was written with global batch {state['global_batch']}, this run has "
-                f"{global_batch * t.grad_accum} (batch_size x processes x grad_accum); resume with the same settings"
-            )
+        state = checkpoint.load_state(
+            accelerator,
+            resume_from,
+            global_batch * t.grad_accum,
+            on_step_end,
+            accelerator.unwrap_model(model),
+        )
     step = state["step"]
     if accelerator.is_main_process:
         checkpoint.prepare_output_dir(out, step, replace=overwrite and not t.resume, resolved=resolved)
@@ -176,10 +173,9 @@ def train(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
                     "global_batch": global_batch * t.grad_accum,
                     "score": scores.get(t.best_metric) if scores else None,
                 }
-                hook_state = getattr(on_step_end, "state_dict", None)
                 checkpoint.save_state(
                     accelerator, out, state, t.save_total_limit, higher_is_better,
-                    hook_state(accelerator.unwrap_model(model)) if hook_state else None,
+                    on_step_end, accelerator.unwrap_model(model),
                 )  # fmt: skip
             if step >= total_steps:
                 break
