@@ -182,6 +182,8 @@ def save_state(
         accelerator.save_state(str(tmp))
         accelerator.wait_for_everyone()  # every process's RNG file is in before the rename
         if accelerator.is_main_process:
+            if not any(f.stat().st_size for f in tmp.glob("*model*")):
+                raise RuntimeError(f"{tmp}: accelerate wrote no model weights into the checkpoint")
             if hasattr(hook, "state_dict"):
                 # a method hook's own state (AdaLoRA's allocator) as safetensors, so resuming unpickles nothing of ours
                 tensors, meta = hook.state_dict(model)
