@@ -324,6 +324,12 @@ def check_model(model_path: str, recipe: Recipe) -> None:
             f"model.name_or_path: {recipe.model.name_or_path} ships its own modelling code (auto_map in its "
             "config.json); set model.trust_remote_code=true only if you trust that code"
         ) from err
+    local = Path(model_path)
+    if local.is_dir() and not any(local.glob("*.safetensors")):
+        raise InputError(
+            f"model.name_or_path: {local} has no *.safetensors weights; only safetensors are loaded (pickled "
+            ".bin/.pt files can run code): convert them, e.g. with transformers' save_pretrained"
+        )
     positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if positions is None:
         return

@@ -120,6 +120,14 @@ def resume_without_checkpoints(c: Ctx) -> list[str]:
     return train(c, "training.resume=true")
 
 
+def pickle_only_model(c: Ctx) -> Path:
+    """The tiny model with its weights as a pickle instead of safetensors."""
+    folder = c.tmp / "pickled-model"
+    shutil.copytree(c.model, folder)
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+    return folder
+
+
 def bytes_file(c: Ctx, name: str, content: bytes) -> Path:
     (c.tmp / name).write_bytes(content)
     return c.tmp / name
@@ -197,6 +205,9 @@ CASES: dict[str, tuple[Callable[[Ctx], list[str]], list[str], bool]] = {
     ),
     "remote_code_not_trusted": (
         lambda c: train(c, f"model.name_or_path={custom_code_model(c)}", "--overwrite"), ["model.trust_remote_code"], True,
+    ),
+    "pickled_weights_only": (
+        lambda c: train(c, f"model.name_or_path={pickle_only_model(c)}"), ["model.name_or_path", "no *.safetensors"], False,
     ),
     "bad_data_with_overwrite_keeps_prior_run": (
         lambda c: train(c, "data.columns.label=verdict", "--overwrite"), ["data.columns.label='verdict' not found"], True,
