@@ -24,7 +24,7 @@ $(STAMP): setup.cfg pyproject.toml
 
 demo: setup
 	$(VENV)/bin/hf-finetune train recipes/classification/sst2.yaml method.name=lora \
-		data.train.max_samples=8000 training.epochs=1 output_dir=runs/demo
+		data.train.max_samples=8000 training.epochs=1 output_dir=runs/demo --overwrite
 
 test: setup
 	$(PY) -m pytest tests -q

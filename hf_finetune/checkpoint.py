@@ -6,25 +6,33 @@ file or folder that looks complete.
 
 from __future__ import annotations
 
+import errno
 import json
+import math
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from peft import PeftModel
+from peft import PeftModel, get_peft_model_state_dict
+from peft.utils import SAFETENSORS_WEIGHTS_NAME as SAFE_ADAPTER_NAME
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from hf_finetune.errors import InputError
 from hf_finetune.hub import resolve_model
-from hf_finetune.methods.prefix import PREFIX_CONFIG_NAME, PrefixTuningModel
+from hf_finetune.methods.prefix import PREFIX_CONFIG_NAME, PREFIX_WEIGHTS_NAME, PrefixTuningModel
 from hf_finetune.recipe import Recipe, recipe_from_dict
 from hf_finetune.tasks import Task, get_task
 
 INFO_NAME = "hf_finetune.json"
 STATE_NAME = "trainer_state.json"
+HOOK_STATE_NAME = "method_state.safetensors"
 
 
 class MetricsLog:
@@ -40,32 +48,170 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
 
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+def prepare_output_dir(out: Path, step: int, replace: bool, resolved: dict[str, Any]) -> None:
+    """Main process only, once every check has passed: the folder, the log continued from `step`, the recipe."""
+    out.mkdir(parents=True, exist_ok=True)
+    if replace:
+        # the replaced run's checkpoints: resuming from them later would mix two runs
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    trim_metrics(out / "metrics.jsonl", step)
+    (out / "recipe.resolved.json").write_text(json.dumps(resolved, indent=2))
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Keep the log lines up to `step`: a resumed run rewrites what the interrupted one logged after its checkpoint;
+    a fresh run (step 0) starts a fresh log."""
+    if step == 0 or not path.exists():
+        path.unlink(missing_ok=True)
+        return
+    kept = [line for line in path.read_text().splitlines(keepends=True) if _logged_step(line) <= step]
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.write_text("".join(kept))
     os.replace(tmp, path)
 
 
-def save_state(accelerator: Accelerator, out: Path, step: int) -> Path:
-    """Model/adapter, optimizer, scheduler, RNG and sampler states for `training.resume`."""
-    final = out / "checkpoints" / f"step_{step:08d}"
+def _logged_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf  # a line cut short by the crash
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with disk_errors(path, tmp):
+        tmp.write_text(json.dumps(data, indent=2, default=str))
+        os.replace(tmp, path)
+
+
+@contextmanager
+def disk_errors(target: Path, tmp: Path) -> Iterator[None]:
+    """A full disk is the user's to fix: remove the partial `tmp` and say so in one line; `target` is untouched."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        raise InputError(
+            f"{target}: no space left on device while saving ({err.strerror}); what was saved before is intact"
+        ) from err
+
+
+# Files a run writes; an output_dir holding any of them belongs to a run already.
+RUN_MARKERS = ("results.json", "recipe.resolved.json", "metrics.jsonl", "checkpoints", "model")
+
+
+def check_output_dir(out: Path, resume: bool | str, overwrite: bool) -> None:
+    """Refuse to mix a new run into another run's folder (or into a file) unless asked to."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output_dir: {out} is a file, not a folder")
+    if resume or overwrite or not out.is_dir():
+        return
+    found = [name for name in RUN_MARKERS if (out / name).exists()]
+    if found:
+        raise InputError(
+            f"output_dir: {out} already holds a run ({', '.join(found)}); pass --overwrite to replace it, "
+            "training.resume=true to continue it, or choose another output_dir"
+        )
+
+
+def complete_checkpoints(out: Path) -> list[Path]:
+    """Checkpoints whose state file was written: the rename happens after it, so these are whole."""
+    return sorted(p for p in (out / "checkpoints").glob("step_*") if (p / STATE_NAME).exists())
+
+
+def find_resume_checkpoint(out: Path, resume: bool | str) -> Path | None:
+    """The checkpoint `training.resume` names: the newest in output_dir for `true`, or the given folder."""
+    if isinstance(resume, str):
+        path = Path(resume)
+        if not (path / STATE_NAME).is_file():
+            raise InputError(
+                f"training.resume: {path} is not a checkpoint (no {STATE_NAME}); give a checkpoints/step_N folder"
+            )
+        return path
+    done = complete_checkpoints(out) if resume else []
+    if resume and not done and any((out / name).exists() for name in RUN_MARKERS):
+        raise InputError(
+            f"training.resume: {out} holds a run but no complete checkpoint to resume from; pass --overwrite to "
+            "start it over"
+        )
+    return done[-1] if done else None
+
+
+def load_state(
+    accelerator: Accelerator, folder: Path, global_batch: int, hook: Any, model: torch.nn.Module
+) -> dict[str, Any]:
+    """Restore model, optimizer, scheduler, every process's RNG states and the method hook's state; returns the loop's
+    own state.
+
+    accelerate reads optimizer, scheduler and RNG files with `torch.load(weights_only=True)` plus an allow-list of
+    numpy types (accelerate.utils.other.load); model weights come from safetensors."""
+    state = json.loads((folder / STATE_NAME).read_text())
+    if state.get("global_batch", global_batch) != global_batch:
+        # the checkpoint's step counts batches of its own size: another size lands elsewhere in the data
+        raise InputError(
+            f"training.resume: {folder} was written with global batch {state['global_batch']}, this run has "
+            f"{global_batch} (batch_size x processes x grad_accum); resume with the same settings"
+        )
+    accelerator.load_state(str(folder))
+    if (folder / HOOK_STATE_NAME).is_file() and hasattr(hook, "load_state_dict"):
+        with safe_open(str(folder / HOOK_STATE_NAME), framework="pt") as f:
+            meta = json.loads(f.metadata()["state"])
+        hook.load_state_dict(model, load_file(str(folder / HOOK_STATE_NAME)), meta)
+    return state
+
+
+def save_state(
+    accelerator: Accelerator,
+    out: Path,
+    state: dict[str, Any],
+    keep: int | None,
+    higher_is_better: bool,
+    hook: Any = None,
+    model: torch.nn.Module | None = None,
+) -> Path:
+    """Model/adapter, optimizer, scheduler and RNG states (accelerate), plus the loop's `state` (step, running loss,
+    the evaluation at this step) in trainer_state.json, written last so its presence marks a whole checkpoint."""
+    final = out / "checkpoints" / f"step_{state['step']:08d}"
     tmp = final.with_name(f".{final.name}.tmp")
-    accelerator.save_state(str(tmp))
     if accelerator.is_main_process:
-        (tmp / STATE_NAME).write_text(json.dumps({"step": step}))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a crash mid-write
+    accelerator.wait_for_everyone()
+    with disk_errors(final, tmp):
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()  # every process's RNG file is in before the rename
+        if accelerator.is_main_process:
+            if not any(f.stat().st_size for f in tmp.glob("*model*")):
+                raise RuntimeError(f"{tmp}: accelerate wrote no model weights into the checkpoint")
+            if hasattr(hook, "state_dict"):
+                # a method hook's own state (AdaLoRA's allocator) as safetensors, so resuming unpickles nothing of ours
+                tensors, meta = hook.state_dict(model)
+                tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+                save_file(tensors, str(tmp / HOOK_STATE_NAME), metadata={"state": json.dumps(meta)})
+            (tmp / STATE_NAME).write_text(json.dumps(state))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            rotate_checkpoints(out, keep, higher_is_better)
     accelerator.wait_for_everyone()
     return final
 
 
-def load_latest(accelerator: Accelerator, out: Path) -> int:
-    """Restore the newest complete checkpoint; returns its optimizer step (0 when there is none)."""
-    done = sorted(p for p in (out / "checkpoints").glob("step_*") if (p / STATE_NAME).exists())
-    if not done:
-        return 0
-    accelerator.load_state(str(done[-1]))
-    return json.loads((done[-1] / STATE_NAME).read_text())["step"]
+def rotate_checkpoints(out: Path, keep: int | None, higher_is_better: bool) -> Path | None:
+    """Keep the newest `keep` checkpoints and the best scored one; record the best in checkpoints/best.json."""
+    done = complete_checkpoints(out)
+    scored = [(json.loads((p / STATE_NAME).read_text()).get("score"), p) for p in done]
+    scored = [(s, i, p) for i, (s, p) in enumerate(scored) if s is not None and math.isfinite(s)]
+    best = None
+    if scored:
+        # ties go to the earlier checkpoint: it reached the score first
+        score, _, best = min(scored, key=lambda sip: (-sip[0] if higher_is_better else sip[0], sip[1]))
+        write_json_atomic(out / "checkpoints" / "best.json", {"checkpoint": best.name, "score": score})
+    if keep is not None:
+        for old in done[: max(0, len(done) - keep)]:
+            if old != best:
+                shutil.rmtree(old)
+    return best
 
 
 def save_final(
@@ -75,21 +221,54 @@ def save_final(
     recipe: Recipe,
     method: str,
     target: Path,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """HF-format folder: adapter only for PEFT methods, the whole model (safetensors) for full fine-tuning."""
+    """HF-format folder: adapter only for PEFT methods, the whole model (safetensors) for full fine-tuning.
+
+    `state_dict` is the gathered full state under FSDP/DeepSpeed, where the model's own parameters are shards."""
     tmp = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    info = {
-        "task": recipe.task,
-        "method": method,
-        "base_model": recipe.model.name_or_path,
-        "recipe": recipe.to_dict(),
-    }
-    (tmp / INFO_NAME).write_text(json.dumps({**info, **task.checkpoint_info()}, indent=2, default=str))
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
+    with disk_errors(target, tmp):
+        model.save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
+        tokenizer.save_pretrained(tmp)
+        info = {
+            "task": recipe.task,
+            "method": method,
+            "base_model": recipe.model.name_or_path,
+            "recipe": recipe.to_dict(),
+        }
+        (tmp / INFO_NAME).write_text(json.dumps({**info, **task.checkpoint_info()}, indent=2, default=str))
+        verify_saved(model, tmp, compare=state_dict is None)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+
+
+def verify_saved(model: torch.nn.Module, folder: Path, compare: bool = True) -> None:
+    """Read back what was just saved: an empty or partial adapter (the classic result of saving a still-wrapped
+    DDP/FSDP model) must fail the run now, loudly, not at the next load."""
+    if isinstance(model, PeftModel):
+        weights, expected = folder / SAFE_ADAPTER_NAME, get_peft_model_state_dict(model)
+    elif isinstance(model, PrefixTuningModel):
+        weights, expected = folder / PREFIX_WEIGHTS_NAME, model._trainable_state()
+    else:
+        weights, expected = folder / "model.safetensors", None
+        if not weights.exists() and (folder / "model.safetensors.index.json").exists():
+            return  # sharded: transformers wrote and indexed every shard itself
+    if not weights.is_file():
+        raise RuntimeError(f"{weights}: not written by save_pretrained")
+    loaded = load_file(str(weights))
+    if not loaded:
+        raise RuntimeError(f"{weights}: saved weights are empty")
+    if expected is None:
+        return
+    missing = sorted(expected.keys() - loaded.keys())
+    changed = [
+        k for k, v in expected.items() if compare and k in loaded and not torch.equal(loaded[k], v.cpu())
+    ]
+    if missing or changed:
+        raise RuntimeError(
+            f"{weights}: reloaded adapter differs from the model: missing {missing}, changed {changed}"
+        )
 
 
 def find_model_dir(path: str | Path) -> Path:
@@ -112,6 +291,10 @@ def load_final(path: str | Path, recipe: Recipe | None = None) -> tuple[Task, to
     task.restore(info)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if (folder / "adapter_config.json").exists():
+        if not (folder / SAFE_ADAPTER_NAME).is_file():
+            raise InputError(
+                f"checkpoint: {folder} has no {SAFE_ADAPTER_NAME}; only safetensors weights are loaded"
+            )
         base = task.load_model(resolve_model(info["base_model"], recipe.model.revision))
         model = PeftModel.from_pretrained(base, folder)
     elif (folder / PREFIX_CONFIG_NAME).exists():

@@ -38,6 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a recipe and write output_dir/results.json")
     train.add_argument("recipe")
     train.add_argument("overrides", **overrides)
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run already in output_dir (refused otherwise, unless training.resume is set)",
+    )
 
     evaluate = sub.add_parser(
         "eval", help="evaluate a checkpoint on the recipe's validation (and test) split"
@@ -85,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except InputError as err:
+        from tqdm import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", ())):
+            bar.close()  # so the message gets a line of its own instead of trailing a progress bar
         print(f"hf-finetune: error: {err}", file=sys.stderr)
         return 2
 
@@ -100,7 +109,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from hf_finetune.engine import train
     from hf_finetune.recipe import load_recipe
 
-    results = train(load_recipe(args.recipe, args.overrides))
+    results = train(load_recipe(args.recipe, args.overrides), overwrite=args.overwrite)
     if results.get("world_size", 1) == 1 or os.environ.get("RANK", "0") == "0":
         print(json.dumps({"output_dir": results["recipe"]["output_dir"], **results["metrics"]}))
     return 0

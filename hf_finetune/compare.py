@@ -120,7 +120,12 @@ def _budget(base: Recipe, method: str) -> list[str]:
 def execute(runs: list[Run], train_fn: Any = None) -> None:
     """Train what is not finished yet; a failure is recorded on its run and the others go on."""
     if train_fn is None:
-        from hf_finetune.engine import train as train_fn
+        from hf_finetune.engine import train
+
+        def train_fn(recipe: Recipe) -> dict[str, Any]:
+            # a run folder without a matching results.json holds a stale or interrupted run: replace it
+            return train(recipe, overwrite=True)
+
     for run in runs:
         finished = _finished(run)
         if finished is not None:
@@ -433,7 +438,7 @@ def dry_run(base: Recipe, runs: list[Run]) -> str:
     for run in runs:
         t = run.recipe.training
         steps = t.max_steps or math.ceil(
-            steps_per_epoch(train_rows, t.batch_size, 1, t.grad_accum) * t.epochs
+            steps_per_epoch(train_rows, t.batch_size, t.grad_accum) * t.epochs
         )
         method = resolve_method(run.recipe.method, steps)
         params = {k: v for k, v in dataclasses.asdict(method).items() if v is not None and k != "name"}

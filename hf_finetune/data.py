@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -87,20 +88,48 @@ def _load_local(path: Path, split_name: str | None, where: str) -> Dataset:
     if len(suffixes) > 1 or files[0].suffix not in BUILDERS:
         raise InputError(f"{where}.path: {path}: cannot read files of type {', '.join(sorted(suffixes))}")
     suffix = files[0].suffix
+    if BUILDERS[suffix] != "parquet":
+        for file in files:
+            check_utf8(file)
     if suffix == ".json":
         nested = [_squad_rows(f) for f in files]
         if all(rows is not None for rows in nested):
             return Dataset.from_list([row for rows in nested for row in rows])
     kwargs = {"delimiter": "\t"} if suffix == ".tsv" else {}
+    if all(f.stat().st_size == 0 for f in files):
+        raise InputError(f"{where}: split is empty ({path})")
+    logger = datasets.utils.logging.get_logger("datasets")
+    level = logger.level
+    # datasets logs its parse error with a traceback; the one line below says it, naming the file
+    logger.setLevel(logging.CRITICAL)
     try:
         return datasets.load_dataset(
             BUILDERS[suffix], data_files=[str(f) for f in files], split="train", **kwargs
         )
     except Exception as err:  # pyarrow/json parse errors: report the file, not a traceback
-        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        root = err
+        while root.__cause__ is not None:  # datasets wraps the parser's error in a generic one
+            root = root.__cause__
+        message = str(root).splitlines()[0] if str(root) else type(root).__name__
         if "corresponds to no data" in message:
             raise InputError(f"{where}: split is empty ({path})") from err
         raise InputError(f"{path}: cannot be parsed as {BUILDERS[suffix]}: {message}") from err
+    finally:
+        logger.setLevel(level)
+
+
+def check_utf8(path: Path) -> None:
+    """Name the first line that is not UTF-8: pyarrow's JSON reader lets such bytes into string columns and fails much
+    later, its CSV reader fails with a message that names neither file nor line."""
+    with path.open("rb") as f:
+        for number, line in enumerate(f, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise InputError(
+                    f"{path} line {number}: not UTF-8 (byte 0x{line[err.start]:02x} at column {err.start + 1}); "
+                    "save the file as UTF-8"
+                ) from err
 
 
 def _squad_rows(path: Path) -> list[dict] | None:

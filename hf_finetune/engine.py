@@ -2,50 +2,53 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedType, gather_object, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, get_scheduler
+from transformers import AutoConfig, AutoTokenizer, get_scheduler
 
 from hf_finetune import checkpoint
 from hf_finetune.data import load_splits
+from hf_finetune.errors import InputError
 from hf_finetune.hub import resolve_model
 from hf_finetune.methods import apply_method, build_optimizer, default_lr, resolve_method
-from hf_finetune.recipe import Recipe
+from hf_finetune.recipe import Recipe, TrainingConfig
 from hf_finetune.sampling import LengthGroupedSampler, eval_loader
 from hf_finetune.system import choose_precision, peak_memory_mb, versions
-from hf_finetune.tasks import get_task
+from hf_finetune.tasks import TASKS, get_task
 
 
-def steps_per_epoch(num_examples: int, batch_size: int, world_size: int, grad_accum: int) -> int:
-    """Optimizer steps in one epoch: accelerate deals whole batches round-robin to processes and syncs at the end."""
-    batches_per_process = math.ceil(math.ceil(num_examples / batch_size) / world_size)
-    return math.ceil(batches_per_process / grad_accum)
+def steps_per_epoch(num_examples: int, global_batch: int, grad_accum: int) -> int:
+    """Optimizer steps in one epoch: the loader deals global batches (split across processes) and accelerate syncs
+    gradients at the end of the epoch even when the last accumulation window is short."""
+    return math.ceil(math.ceil(num_examples / global_batch) / grad_accum)
 
 
-def train(recipe: Recipe) -> dict[str, Any]:
+def train(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
+    """Run the recipe; `overwrite` lets it replace a finished run in `output_dir` (otherwise refused)."""
     t = recipe.training
     out = Path(recipe.output_dir)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=t.grad_accum,
-        mixed_precision=choose_precision(t.precision),
-        log_with="tensorboard",
-        project_dir=str(out),
-    )
+    accelerator = make_accelerator(t, out)
+    world = accelerator.num_processes
     set_seed(t.seed)
     task = get_task(recipe)
     raw = load_splits(recipe.data)
     task.prepare(raw)  # every data problem surfaces before weights load
+    checkpoint.check_output_dir(out, t.resume, overwrite)
+    resume_from = checkpoint.find_resume_checkpoint(out, t.resume)
 
     model_path = resolve_model(recipe.model.name_or_path, recipe.model.revision)
+    check_model(model_path, recipe)
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=recipe.model.trust_remote_code)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         # GPT-style tokenizers ship without a pad token; batches need one
@@ -53,7 +56,8 @@ def train(recipe: Recipe) -> dict[str, Any]:
     with accelerator.main_process_first():  # one process tokenises, the others read datasets' cache
         encoded = task.preprocess(raw, tokenizer)
     train_set = encoded["train"]
-    per_epoch = steps_per_epoch(len(train_set), t.batch_size, accelerator.num_processes, t.grad_accum)
+    global_batch = t.batch_size * world
+    per_epoch = steps_per_epoch(len(train_set), global_batch, t.grad_accum)
     total_steps = t.max_steps or max(1, math.ceil(per_epoch * t.epochs))
     epochs = math.ceil(total_steps / per_epoch)
 
@@ -65,18 +69,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
     model, on_step_end = apply_method(model, method, task.peft_task_type, task.head_modules, total_steps)
     trainable, total = count_parameters(model)
 
-    collate = task.collator(tokenizer)
-    sampler = LengthGroupedSampler(
-        train_set["length"], t.batch_size * t.grad_accum, t.seed, t.group_by_length
-    )
-    train_loader = DataLoader(
-        train_set.remove_columns("length"), t.batch_size, sampler=sampler, collate_fn=collate
-    )
-    eval_loaders = {
-        split: eval_loader(encoded[split], t.eval_batch, collate)
-        for split in ("validation", "test")
-        if split in encoded
-    }
+    train_loader, eval_loaders = build_loaders(task, encoded, tokenizer, t, world)
     optimizer = build_optimizer(model, method, lr, t.weight_decay)
     scheduler = get_scheduler(
         t.scheduler,
@@ -88,47 +81,59 @@ def train(recipe: Recipe) -> dict[str, Any]:
     eval_loaders = {k: accelerator.prepare(v) for k, v in eval_loaders.items()}
 
     resolved = {**recipe.to_dict(), "method": method.__dict__, "training": {**t.__dict__, "lr": lr}}
+    state: dict[str, Any] = {"step": 0, "running_loss": 0.0, "micro_batches": 0}
+    if resume_from is not None:
+        state = checkpoint.load_state(
+            accelerator,
+            resume_from,
+            global_batch * t.grad_accum,
+            on_step_end,
+            accelerator.unwrap_model(model),
+        )
+    step = state["step"]
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        if not t.resume:
-            (out / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh log
-        (out / "recipe.resolved.json").write_text(json.dumps(resolved, indent=2))
+        checkpoint.prepare_output_dir(out, step, replace=overwrite and not t.resume, resolved=resolved)
     accelerator.init_trackers("tensorboard")
     log = checkpoint.MetricsLog(out / "metrics.jsonl", accelerator)
+    higher_is_better = "loss" not in t.best_metric
 
-    step, skip = 0, 0
-    if t.resume:
-        step = checkpoint.load_latest(accelerator, out)
-        skip = (step * t.grad_accum) % len(
-            train_loader
-        )  # micro-batches of the interrupted epoch already seen
     progress = tqdm(
         total=total_steps, initial=step, disable=not accelerator.is_local_main_process, desc="train"
     )
     model.train()
-    samples, micro_batches = 0, 0
-    running_loss = torch.zeros((), device=accelerator.device)
+    samples, micro_batches = 0, state["micro_batches"]
+    # the interrupted run's loss since its last log line, so the next line averages the same micro-batches
+    running_loss = torch.tensor(state["running_loss"], device=accelerator.device)
     tokens = torch.zeros((), dtype=torch.long, device=accelerator.device)
+    window_bad = False
     start = time.perf_counter()
-    last_eval: dict[str, float] = {}
     for epoch in range(step // per_epoch, epochs):
-        sampler.set_epoch(epoch)
+        train_loader.set_epoch(epoch)  # accelerate's loader reseeds the sampler from its own epoch counter
+        # micro-batches of this epoch the checkpoint already covers
+        skip = (step - epoch * per_epoch) * t.grad_accum
         loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
-        skip = 0
         for batch in loader:
             with accelerator.accumulate(model):
                 with accelerator.autocast():
                     loss = model(**batch).loss
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and t.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-                optimizer.step()
+                # the same verdict on every process, so all of them take the same branch
+                bad = accelerator.reduce((~torch.isfinite(loss.detach())).float(), "sum").item() > 0
+                if bad and not t.skip_nonfinite_batches:
+                    raise InputError(nonfinite_message(step + 1, loss, out))
+                window_bad |= bad
+                if not window_bad:
+                    accelerator.backward(loss)
+                if accelerator.sync_gradients and not window_bad:
+                    if t.max_grad_norm:
+                        accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+                    optimizer.step()
                 scheduler.step()
-                if accelerator.sync_gradients and on_step_end is not None:
+                if accelerator.sync_gradients and on_step_end is not None and not window_bad:
                     on_step_end(accelerator.unwrap_model(model), step + 1)
-                optimizer.zero_grad()
-            running_loss += loss.detach()
-            micro_batches += 1
+                optimizer.zero_grad()  # a skipped window's partial gradients go too
+            if not bad:
+                running_loss += loss.detach()
+                micro_batches += 1
             samples += batch["input_ids"].shape[0]
             tokens += (
                 batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel()
@@ -137,23 +142,41 @@ def train(recipe: Recipe) -> dict[str, Any]:
                 continue
             step += 1
             progress.update(1)
-            if step % t.logging_every == 0 or step == total_steps:
+            if window_bad:
+                log.write({"step": step, "epoch": epoch, "skipped_nonfinite_batch": True})
+                window_bad = False
+            if (step % t.logging_every == 0 or step == total_steps) and micro_batches:
                 # one host-device sync per logging interval, not per step
                 mean_loss = accelerator.reduce(running_loss, "mean").item() / micro_batches
                 running_loss.zero_()
                 micro_batches = 0
                 log.write({"step": step, "epoch": epoch, "loss": mean_loss, "lr": scheduler.get_last_lr()[0]})
                 progress.set_postfix(loss=f"{mean_loss:.4f}")
+            scores = None
             if (
                 t.eval_every
                 and step % t.eval_every == 0
                 and step < total_steps
                 and "validation" in eval_loaders
             ):
-                last_eval = task.evaluate(model, eval_loaders["validation"], accelerator)
-                log.write({"step": step, **{f"validation/{k}": v for k, v in last_eval.items()}})
+                scores = task.evaluate(model, eval_loaders["validation"], accelerator)
+                if t.best_metric not in scores:
+                    raise InputError(
+                        f"training.best_metric: {t.best_metric!r} is not one of {', '.join(scores)}"
+                    )
+                log.write({"step": step, **{f"validation/{k}": v for k, v in scores.items()}})
             if t.save_every and step % t.save_every == 0:
-                checkpoint.save_state(accelerator, out, step)
+                state = {
+                    "step": step,
+                    "running_loss": accelerator.reduce(running_loss, "mean").item(),
+                    "micro_batches": micro_batches,
+                    "global_batch": global_batch * t.grad_accum,
+                    "score": scores.get(t.best_metric) if scores else None,
+                }
+                checkpoint.save_state(
+                    accelerator, out, state, t.save_total_limit, higher_is_better,
+                    on_step_end, accelerator.unwrap_model(model),
+                )  # fmt: skip
             if step >= total_steps:
                 break
         if step >= total_steps:
@@ -169,7 +192,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
         task.evaluate(model, eval_loaders["test"], accelerator, "test") if "test" in eval_loaders else None
     )
     log.write({"step": step, **{f"validation/{k}": v for k, v in metrics.items()}})
-    world = accelerator.num_processes
+    best = out / "checkpoints" / "best.json"
     results = {
         "task": recipe.task,
         "method": method.name,
@@ -179,7 +202,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
         "trainable_params": trainable,
         "total_params": total,
         "train_runtime_s": runtime,
-        # counts are this process's; every process sees the same number of batches, so scale by the world size
+        # counts are this process's; every process sees the same number of examples, so scale by the world size
         "train_samples_per_s": samples * world / runtime if runtime else 0.0,
         "train_tokens_per_s": tokens * world / runtime if runtime else 0.0,
         "peak_memory_mb": peak_memory_mb(accelerator.device),
@@ -187,20 +210,144 @@ def train(recipe: Recipe) -> dict[str, Any]:
         "epochs": step / per_epoch,
         "seed": t.seed,
         "world_size": world,
-        "global_batch_size": t.batch_size * t.grad_accum * world,
+        "global_batch_size": global_batch * t.grad_accum,
         "precision": accelerator.mixed_precision,
+        **({"best_checkpoint": json.loads(best.read_text())} if best.is_file() else {}),
         "versions": versions(),
         "recipe_hash": recipe.run_hash(),
         "recipe": resolved,
     }
+    check_replicas_agree(accelerator, accelerator.unwrap_model(model))
+    # FSDP and DeepSpeed ZeRO-3 hold shards: the full state is gathered collectively, on every process
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    full_state = accelerator.get_state_dict(model) if sharded else None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         checkpoint.save_final(
-            accelerator.unwrap_model(model), tokenizer, task, recipe, method.name, out / "model"
+            accelerator.unwrap_model(model), tokenizer, task, recipe, method.name, out / "model", full_state
         )
         checkpoint.write_json_atomic(out / "results.json", results)
+    accelerator.wait_for_everyone()  # tear the process group down together, not while process 0 still writes
+    if world > 1:
+        # torch 2.13 + gloo: a DDP Reducer left to the garbage collector at interpreter exit destroys the process
+        # group while holding the GIL, and the gloo thread still releasing the last collective waits for that GIL: a
+        # deadlock at exit (1 run in ~4 here). Free the wrapped model while the group lives, then let that thread finish.
+        del model, optimizer, scheduler, train_loader, eval_loaders
+        accelerator.free_memory()
+        gc.collect()
+        time.sleep(0.2)
     accelerator.end_training()
     return results
+
+
+def build_loaders(
+    task: Any, encoded: Any, tokenizer: Any, t: TrainingConfig, world: int
+) -> tuple[DataLoader, dict[str, DataLoader]]:
+    """The training loader deals global batches (batch_size x processes), which accelerate splits across processes."""
+    collate = task.collator(tokenizer)
+    global_batch = t.batch_size * world
+    train_set = encoded["train"]
+    sampler = LengthGroupedSampler(
+        train_set["length"], global_batch * t.grad_accum, t.seed, t.group_by_length
+    )
+    # its own generator: a DataLoader without one draws its worker seed from the global RNG at every iter(), which
+    # a resumed run would do once more than the uninterrupted one, shifting every dropout mask after it
+    train_loader = DataLoader(
+        train_set.remove_columns("length"), global_batch, sampler=sampler, collate_fn=collate,
+        generator=torch.Generator().manual_seed(t.seed),
+    )  # fmt: skip
+    eval_loaders = {
+        split: eval_loader(encoded[split], t.eval_batch * world, collate)
+        for split in ("validation", "test")
+        if split in encoded
+    }
+    return train_loader, eval_loaders
+
+
+def make_accelerator(t: TrainingConfig, out: Path) -> Accelerator:
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    has_device = (
+        torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+    )
+    accelerator = Accelerator(
+        gradient_accumulation_steps=t.grad_accum,
+        mixed_precision=choose_precision(t.precision),
+        log_with="tensorboard",
+        project_dir=str(out),
+        # The loader yields global batches that accelerate splits evenly across processes, so N processes with batch
+        # b see exactly the batches of one process with batch N*b: same data order, same loss curve, same schedule
+        # (the scheduler then steps once per optimizer step instead of N times).
+        dataloader_config=DataLoaderConfiguration(split_batches=True),
+        # `accelerate launch --multi_gpu` on a machine without GPUs starts torchrun processes that accelerate 1.15
+        # would run as unrelated single processes; cpu=True makes them one gloo process group
+        cpu=launched > 1 and not has_device,
+    )
+    if accelerator.num_processes != launched:
+        raise RuntimeError(
+            f"the launcher started {launched} processes but accelerate sees {accelerator.num_processes}; "
+            "they would train independently and write over each other's files"
+        )
+    return accelerator
+
+
+def check_replicas_agree(accelerator: Accelerator, model: torch.nn.Module) -> None:
+    """Every process must end with the same model: DDP syncs gradients, but state a method keeps outside them (AdaLoRA's
+    rank pattern, decided from gradients on each process) could drift and would be saved from process 0 only."""
+    if accelerator.distributed_type not in (DistributedType.MULTI_GPU, DistributedType.MULTI_CPU):
+        return
+    config = getattr(model, "peft_config", {}).get("default")
+    fingerprint = (
+        sum(float(p.detach().double().sum()) for p in model.parameters() if p.requires_grad),
+        json.dumps(getattr(config, "rank_pattern", None), sort_keys=True, default=str),
+    )
+    seen = gather_object([fingerprint])
+    if any(f != seen[0] for f in seen):
+        raise RuntimeError(f"processes ended with different models (parameter sum, rank pattern): {seen}")
+
+
+def nonfinite_message(step: int, loss: torch.Tensor, out: Path) -> str:
+    done = checkpoint.complete_checkpoints(out)
+    kept = f"the last good checkpoint is {done[-1]}" if done else "no checkpoint was written"
+    return (
+        f"training step {step}: loss is {loss.item()}; {kept}. Lower training.lr, or set "
+        "training.skip_nonfinite_batches=true to skip such batches"
+    )
+
+
+def check_model(model_path: str, recipe: Recipe) -> None:
+    """Config-level checks before any weights load: remote code allowed, max_length within the position table."""
+    try:
+        config = AutoConfig.from_pretrained(
+            model_path, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code
+        )
+    except ValueError as err:
+        if "trust_remote_code" not in str(err):
+            raise
+        raise InputError(
+            f"model.name_or_path: {recipe.model.name_or_path} ships its own modelling code (auto_map in its "
+            "config.json); set model.trust_remote_code=true only if you trust that code"
+        ) from err
+    local = Path(model_path)
+    if local.is_dir() and not any(local.glob("*.safetensors")):
+        raise InputError(
+            f"model.name_or_path: {local} has no *.safetensors weights; only safetensors are loaded (pickled "
+            ".bin/.pt files can run code): convert them, e.g. with transformers' save_pretrained"
+        )
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if positions is None:
+        return
+    # RoBERTa-style models number positions from padding_idx + 1, so their table holds that many fewer tokens
+    offset = (config.pad_token_id or 0) + 1 if config.model_type in OFFSET_POSITIONS else 0
+    limit = positions - offset
+    max_length = recipe.training.max_length or TASKS[recipe.task].default_max_length
+    if max_length > limit:
+        raise InputError(
+            f"training.max_length: {max_length} is longer than {recipe.model.name_or_path} can take "
+            f"({limit} positions); set training.max_length<={limit}"
+        )
+
+
+OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "longformer", "data2vec-text", "xmod")
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

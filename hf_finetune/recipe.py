@@ -147,8 +147,16 @@ class TrainingConfig:
     """Write an `accelerate` checkpoint every N optimizer steps (null: none until the final model)."""
     logging_every: int = 10
     """Log loss and learning rate every N optimizer steps."""
-    resume: bool = False
-    """Continue from the latest checkpoint in `output_dir/checkpoints`."""
+    save_total_limit: int | None = None
+    """Keep only the newest N checkpoints, plus the best one by `best_metric` (null: keep all)."""
+    best_metric: str = "eval_loss"
+    """Validation metric that picks the best checkpoint (`*loss*`: lower is better, else higher). A checkpoint is
+    scored when an evaluation runs at its step, so make `save_every` a multiple of `eval_every`."""
+    skip_nonfinite_batches: bool = False
+    """On a NaN/inf loss skip the batch (its accumulation window makes no update) instead of stopping the run."""
+    resume: bool | str = False
+    """`true`: continue from the newest checkpoint in `output_dir/checkpoints` (a fresh start when there is none);
+    a path: continue from that `checkpoints/step_N` folder. Resumes mid-epoch, bit-identical on CPU."""
 
     @property
     def eval_batch(self) -> int:
@@ -356,6 +364,7 @@ def _check_values(recipe: Recipe) -> list[str]:
         "training.eval_every": t.eval_every,
         "training.save_every": t.save_every,
         "training.eval_batch_size": t.eval_batch_size,
+        "training.save_total_limit": t.save_total_limit,
         "method.r": recipe.method.r,
         "method.num_virtual_tokens": recipe.method.num_virtual_tokens,
         "qa.doc_stride": recipe.qa.doc_stride,

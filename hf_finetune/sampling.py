@@ -46,4 +46,10 @@ def sorted_by_length(dataset: Dataset) -> Dataset:
 
 def eval_loader(dataset: Dataset, batch_size: int, collate_fn: Any) -> DataLoader:
     """The evaluation loader shared by training-time and checkpoint evaluation."""
-    return DataLoader(sorted_by_length(dataset), batch_size, collate_fn=collate_fn)
+    # its own generator, so creating an iterator leaves the global RNG (dropout, resumed runs) alone
+    return DataLoader(
+        sorted_by_length(dataset),
+        batch_size,
+        collate_fn=collate_fn,
+        generator=torch.Generator().manual_seed(0),
+    )

@@ -27,7 +27,8 @@ def main() -> None:
     for method in args.methods.split(","):
         out = Path(args.output_root) / method
         command = [sys.executable, "-m", "hf_finetune", "train", args.recipe, f"method.name={method}",
-                   *args.overrides, f"output_dir={out}"]  # fmt: skip
+                   *args.overrides, f"output_dir={out}", "--overwrite"]  # fmt: skip
+        # --overwrite: only reached without results.json, i.e. for a run that never finished
         if not (out / "results.json").exists():
             print("$", " ".join(command[1:]), file=sys.stderr, flush=True)
             subprocess.run(command, check=True)

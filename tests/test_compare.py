@@ -31,7 +31,7 @@ class CountingTrain:
         self.calls.append((recipe.method.name, recipe.training.seed))
         if recipe.method.name == self.fail:
             raise RuntimeError(f"{self.fail} exploded")
-        return engine.train(recipe)
+        return engine.train(recipe, overwrite=True)
 
 
 def test_two_methods_two_seeds_table_equals_results_and_reruns_reuse(

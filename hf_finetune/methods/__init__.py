@@ -132,7 +132,7 @@ def apply_method(
         return model, None
     peft_model = get_peft_model(model, peft_config)
     if method.name == "adalora":
-        return peft_model, _adalora_step
+        return peft_model, AdaLoraStep()
     return peft_model, None
 
 
@@ -160,9 +160,30 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _adalora_step(model: torch.nn.Module, step: int) -> None:
-    # AdaLoRA only prunes and reallocates ranks when told the step after every optimizer step, gradients still present
-    model.base_model.update_and_allocate(step)
+class AdaLoraStep:
+    """AdaLoRA's per-step hook. Its rank allocator keeps running sensitivity averages outside the model's parameters,
+    so they are checkpoint state of their own: without them a resumed run would allocate ranks differently."""
+
+    STATS = ("ipt", "exp_avg_ipt", "exp_avg_unc")
+
+    def __call__(self, model: torch.nn.Module, step: int) -> None:
+        # AdaLoRA only prunes and reallocates ranks when told the step after every optimizer step, gradients present
+        model.base_model.update_and_allocate(step)
+
+    def state_dict(self, model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
+        allocator = model.base_model.rankallocator
+        tensors = {f"{kind}/{name}": t for kind in self.STATS for name, t in getattr(allocator, kind).items()}
+        return tensors, {"rank_pattern": model.peft_config["default"].rank_pattern}
+
+    def load_state_dict(self, model: torch.nn.Module, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        allocator = model.base_model.rankallocator
+        device = next(model.parameters()).device
+        for kind in self.STATS:
+            getattr(allocator, kind).clear()
+        for key, tensor in tensors.items():
+            kind, name = key.split("/", 1)
+            getattr(allocator, kind)[name] = tensor.to(device)
+        model.peft_config["default"].rank_pattern = meta["rank_pattern"]
 
 
 def is_peft(model: torch.nn.Module) -> bool:

@@ -40,6 +40,9 @@ class ClassificationTask:
         cols = {"text": self.columns.text, "text_pair": self.columns.text_pair, "label": self.columns.label}
         for split in raw:
             require_columns(raw[split], cols, split)
+            for key in ("text", "text_pair"):
+                if cols[key]:
+                    self._check_text(raw[split][cols[key]], split, key, cols[key])
         if not self.labels:  # restored from a checkpoint otherwise
             self._labels_from_train(raw)
         known = set(self.labels)
@@ -51,6 +54,15 @@ class ClassificationTask:
                     raise InputError(
                         f"data.{split} row {row}: label {value!r} not among the training labels {self.labels}"
                     )
+
+    @staticmethod
+    def _check_text(values: list[Any], split: str, key: str, column: str) -> None:
+        """A null or blank text would train on an empty sequence (or crash the tokenizer) without a word."""
+        for row, value in enumerate(values):
+            if not isinstance(value, str) or not value.strip():
+                raise InputError(
+                    f"data.{split} row {row}: column {column!r} (data.columns.{key}) is empty or not text: {value!r}"
+                )
 
     def _labels_from_train(self, raw: DatasetDict) -> None:
         train_labels = raw["train"][self.columns.label]
@@ -77,6 +89,7 @@ class ClassificationTask:
             id2label={i: str(v) for i, v in enumerate(self.labels)},
             label2id=self.label2id,
             revision=self.recipe.model.revision,
+            use_safetensors=True,  # pickle-free weights only
             trust_remote_code=self.recipe.model.trust_remote_code,
         )
         return model

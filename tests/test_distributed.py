@@ -1,0 +1,127 @@
+"""Two gloo processes through `accelerate launch --multi_gpu --num_processes 2` on this CPU machine: per-process batch
+b trains exactly like one process with batch 2b (same loss curve within fp32 rounding, same evaluation, every
+validation example counted once), for full fine-tuning and the PEFT methods that need care under DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+import yaml
+from conftest import sentences, tiny_recipe, write_jsonl
+
+from hf_finetune.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = [
+    pytest.mark.distributed,
+    pytest.mark.skipif(
+        not (dist.is_available() and dist.is_gloo_available()),
+        reason="torch.distributed with gloo is unavailable",
+    ),
+]
+BATCH = 8  # per process; the single-process reference uses 2 * BATCH
+LRS = {"lora": 1e-2, "adalora": 2e-2, "prefix": 1e-3}
+
+
+@pytest.fixture(scope="module")
+def no_dropout_bert(tiny_bert_pretrained: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Dropout draws from each process's own RNG, so two processes cannot reproduce one process's masks; without it
+    the runs must agree."""
+    folder = tmp_path_factory.mktemp("no-dropout-bert")
+    shutil.copytree(tiny_bert_pretrained, folder, dirs_exist_ok=True)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("method", list(LRS))
+def test_two_processes_match_one_with_twice_the_batch(
+    method: str, no_dropout_bert: Path, tmp_path: Path
+) -> None:
+    write_jsonl(tmp_path / "train.jsonl", sentences(256, seed=1))
+    # 70 rows: the last global evaluation batch (2 x 16) is short, so accelerate pads it and must drop the padding
+    write_jsonl(tmp_path / "validation.jsonl", sentences(70, seed=2))
+    raw = tiny_recipe(no_dropout_bert, tmp_path, tmp_path / "unused", **{
+        "method.name": method, "method.dropout": 0.0, "training.lr": LRS[method], "training.max_steps": 10,
+        "training.logging_every": 1, "training.save_every": 5,
+    })  # fmt: skip
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(["train", str(recipe), f"output_dir={one}", f"training.batch_size={2 * BATCH}"]) == 0
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--main_process_port", str(free_port()), "-m", "hf_finetune"]  # fmt: skip
+    # its own session, so a hung worker can be killed with the launcher rather than outlive the test
+    proc = subprocess.Popen(
+        [*launch, "train", str(recipe), f"output_dir={two}", f"training.batch_size={BATCH}"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        output, _ = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(
+            proc.pid, signal.SIGTERM
+        )  # torchrun passes SIGTERM on to its workers, which run in their own groups
+        try:
+            output, _ = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            output, _ = "", None
+        pytest.fail(f"accelerate launch hung:\n{output[-3000:]}")
+    done = subprocess.CompletedProcess(proc.args, proc.returncode, "", output)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    r1, r2 = (json.loads((d / "results.json").read_text()) for d in (one, two))
+    assert (r2["world_size"], r2["global_batch_size"]) == (2, 2 * BATCH)
+    assert (r1["world_size"], r1["global_batch_size"]) == (1, 2 * BATCH)
+    # only the main process writes: one line per step, not two
+    l1, l2 = log(one), log(two)
+    assert [r["step"] for r in l2] == [r["step"] for r in l1]
+    losses1, losses2 = ([r["loss"] for r in lg if "loss" in r] for lg in (l1, l2))
+    assert losses2 == pytest.approx(losses1, rel=1e-4)
+    # a duplicated tail would shift the mean loss and could flip counts
+    assert r2["metrics"] == pytest.approx(r1["metrics"], rel=1e-4)
+    assert r2["metrics"]["accuracy"] == r1["metrics"]["accuracy"]
+    # each process wrote its own RNG state into the checkpoint, nothing else twice
+    states = sorted(p.name for p in (two / "checkpoints" / "step_00000010").glob("random_states_*"))
+    assert states == ["random_states_0.pkl", "random_states_1.pkl"]
+    if method == "adalora":
+        saved = [
+            json.loads((d / "model" / "adapter_config.json").read_text())["rank_pattern"] for d in (one, two)
+        ]
+        assert saved[1] and saved[1] == saved[0]
+
+
+def test_shipped_accelerate_configs_parse() -> None:
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    kinds = {
+        path.stem: str(load_config_from_file(str(path)).distributed_type).rsplit(".", 1)[-1]
+        for path in (ROOT / "scripts" / "accelerate").glob("*.yaml")
+    }
+    assert kinds == {
+        "single_gpu": "NO", "multi_gpu": "MULTI_GPU", "fsdp_full_shard": "FSDP", "deepspeed_zero2": "DEEPSPEED",
+        "deepspeed_zero3": "DEEPSPEED", "multi_node": "MULTI_GPU",
+    }  # fmt: skip
