@@ -437,9 +437,7 @@ def dry_run(base: Recipe, runs: list[Run]) -> str:
     lines = [f"{len(runs)} runs into {base.output_dir} ({train_rows} training rows before task filtering)"]
     for run in runs:
         t = run.recipe.training
-        steps = t.max_steps or math.ceil(
-            steps_per_epoch(train_rows, t.batch_size, t.grad_accum) * t.epochs
-        )
+        steps = t.max_steps or math.ceil(steps_per_epoch(train_rows, t.batch_size, t.grad_accum) * t.epochs)
         method = resolve_method(run.recipe.method, steps)
         params = {k: v for k, v in dataclasses.asdict(method).items() if v is not None and k != "name"}
         state = "reuse" if _finished(run) is not None else "train"

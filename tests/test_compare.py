@@ -112,9 +112,20 @@ def test_dry_run_trains_nothing_and_cli_exit_codes(
     tiny_bert_pretrained: Path, data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     recipe = recipe_file(tiny_bert_pretrained, data_dir, tmp_path)
-    assert main(["compare", str(recipe), "--methods", "full,lora", "--seeds", "1,2", "--dry-run"]) == 0
+    # overrides after options, as users type them
+    argv = [
+        "compare",
+        str(recipe),
+        "--methods",
+        "full,lora",
+        "--seeds",
+        "1,2",
+        "--dry-run",
+        "training.max_steps=3",
+    ]
+    assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "4 runs" in out and "lora" in out and "seed 2" in out
+    assert "4 runs" in out and "lora" in out and "seed 2" in out and "~3 steps" in out
     assert not (tmp_path / "cmp").exists()
     assert main(["compare", str(recipe), "--methods", "full", "--set", "lora.training.lr=1"]) == 2
     assert "not among the methods" in capsys.readouterr().err
