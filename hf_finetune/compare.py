@@ -120,12 +120,7 @@ def _budget(base: Recipe, method: str) -> list[str]:
 def execute(runs: list[Run], train_fn: Any = None) -> None:
     """Train what is not finished yet; a failure is recorded on its run and the others go on."""
     if train_fn is None:
-        from hf_finetune.engine import train
-
-        def train_fn(recipe: Recipe) -> dict[str, Any]:
-            # a run folder without a matching results.json holds a stale or interrupted run: replace it
-            return train(recipe, overwrite=True)
-
+        train_fn = train_isolated
     for run in runs:
         finished = _finished(run)
         if finished is not None:
@@ -142,6 +137,22 @@ def execute(runs: list[Run], train_fn: Any = None) -> None:
             run.out.mkdir(parents=True, exist_ok=True)
             (run.out / "error.txt").write_text(traceback.format_exc())
             print(f"hf-finetune compare: {run.method} seed {run.seed} failed: {run.error}", file=sys.stderr)
+
+
+def _train_child(recipe: dict[str, Any]) -> None:
+    from hf_finetune.engine import train
+
+    # a run folder without a matching results.json holds a stale or interrupted run: replace it
+    train(recipe_from_dict(recipe), overwrite=True)
+
+
+def train_isolated(recipe: Recipe) -> None:
+    """`train` in a fresh process: peak memory (the process's max RSS) and allocator state are then the run's own, not
+    the maximum over every run before it, and a crash cannot take the comparison down."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        pool.apply(_train_child, (recipe.to_dict(),))
 
 
 def _finished(run: Run) -> dict[str, Any] | None:

@@ -135,3 +135,13 @@ def test_dry_run_trains_nothing_and_cli_exit_codes(
 def test_pareto_front() -> None:
     points = [("full", 1e6, 0.9), ("lora", 1e4, 0.88), ("prefix", 2e4, 0.85), ("ia3", 1e3, 0.7)]
     assert pareto(points) == {"full", "lora", "ia3"}
+
+
+def test_a_run_failing_in_its_own_process_is_reported_with_its_error(
+    tiny_bert_pretrained: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    recipe = recipe_file(tiny_bert_pretrained, data_dir, tmp_path)
+    done = compare(str(recipe), ["full", "lora"], [1], per_method=["lora.training.max_length=4096"])
+    status = {r.method: (r.status, r.error) for r in done["runs"]}
+    assert status["full"][0] == "trained"
+    assert status["lora"][0] == "failed" and "InputError: training.max_length: 4096" in status["lora"][1]
