@@ -410,7 +410,9 @@ def plots(
         if mark_front:
             on = sorted((s[xkey], s["quality"]) for s in done if s["method"] in front)
             if on:
-                ax.plot(*zip(*on, strict=True), "--", color="grey", label="Pareto front")
+                # ringed points joined by a step line: a one-point front is still visible
+                ax.plot(*zip(*on, strict=True), "--", color="grey", marker="o", markersize=14, fillstyle="none",
+                        drawstyle="steps-post", label="Pareto front")  # fmt: skip
         if log:
             ax.set_xscale("log")
         ax.set_xlabel(xlabel)
