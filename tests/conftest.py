@@ -43,10 +43,16 @@ def sentences(n: int, seed: int) -> list[dict]:
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer, 32-wide BERT saved as a plain HF folder, tokenizer trained on the synthetic corpus."""
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    trainer = BertWordPieceTokenizer(lowercase=True)
     corpus = [r["sentence"] for r in sentences(500, seed=0)]
-    trainer.train_from_iterator(corpus, vocab_size=120, min_frequency=1)
+    return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), corpus, vocab_size=120, max_positions=64)
+
+
+def build_tiny_bert(
+    folder: Path, corpus: list[str], vocab_size: int, max_positions: int, pooler: bool = True
+) -> Path:
+    """A 2-layer, 32-wide BERT with a WordPiece tokenizer trained on `corpus`, saved as a plain HF folder."""
+    trainer = BertWordPieceTokenizer(lowercase=True)
+    trainer.train_from_iterator(corpus, vocab_size=vocab_size, min_frequency=1)
     tokenizer = BertTokenizer(vocab=trainer.get_vocab())
     tokenizer.save_pretrained(folder)
     config = BertConfig(
@@ -55,10 +61,10 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
         num_hidden_layers=2,
         num_attention_heads=4,
         intermediate_size=64,
-        max_position_embeddings=64,
+        max_position_embeddings=max_positions,
     )
     torch.manual_seed(0)
-    BertModel(config).save_pretrained(folder)
+    BertModel(config, add_pooling_layer=pooler).save_pretrained(folder)
     return folder
 
 

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_jsonl
-from tokenizers import BertWordPieceTokenizer
-from transformers import BertConfig, BertModel, BertTokenizer
+from conftest import build_tiny_bert, write_jsonl
+from transformers import BertTokenizer
 
 import hf_finetune.engine as engine
 from hf_finetune.checkpoint import load_final
@@ -58,23 +57,9 @@ def qa_rows(n: int, seed: int, words: tuple[int, int] = (6, 30), answer_words: i
 
 @pytest.fixture(scope="session")
 def tiny_qa_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-qa-bert")
-    trainer = BertWordPieceTokenizer(lowercase=True)
     corpus = [r["context"] for r in qa_rows(300, seed=0)] + [QUESTION] * 50
-    trainer.train_from_iterator(corpus, vocab_size=100, min_frequency=1)
-    tokenizer = BertTokenizer(vocab=trainer.get_vocab())
-    tokenizer.save_pretrained(folder)
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=128,
-    )
-    torch.manual_seed(0)
-    BertModel(config, add_pooling_layer=False).save_pretrained(folder)
-    return folder
+    folder = tmp_path_factory.mktemp("tiny-qa-bert")
+    return build_tiny_bert(folder, corpus, vocab_size=100, max_positions=128, pooler=False)
 
 
 @pytest.fixture

@@ -1,8 +1,8 @@
 """SQuAD metric: exact match and F1 as the official v1.1 and v2.0 evaluation scripts compute them.
 
 The official scripts (evaluate-v1.1.py, evaluate-v2.0.py) are not packages; their scoring functions are short and
-are reproduced here line for line, so that our numbers equal the leaderboard's. evaluate's own `squad` metric would
-do the same but is fetched from the Hub, which our machines cannot reach.
+are reproduced here (one F1, with v2's no-answer rule as a switch), so that our numbers equal the leaderboard's.
+evaluate's own `squad` metric would do the same but is fetched from the Hub, which our machines cannot reach.
 """
 
 # evaluate scans this script's imports with a per-line regex: keep one import per line.
@@ -47,30 +47,19 @@ def normalize_answer(s: str) -> str:
     return white_space_fix(remove_articles(remove_punc(s.lower())))
 
 
-def f1_v1(prediction: str, ground_truth: str) -> float:
+def f1(prediction: str, ground_truth: str, no_answer_rule: bool = False) -> float:
+    """Token-overlap F1 of evaluate-v1.1.py; `no_answer_rule` adds evaluate-v2.0.py's one difference: when either
+    side normalises to no tokens, F1 is 1 if both do and 0 otherwise."""
     prediction_tokens = normalize_answer(prediction).split()
     ground_truth_tokens = normalize_answer(ground_truth).split()
+    if no_answer_rule and (not prediction_tokens or not ground_truth_tokens):
+        return float(prediction_tokens == ground_truth_tokens)
     common = collections.Counter(prediction_tokens) & collections.Counter(ground_truth_tokens)
     num_same = sum(common.values())
     if num_same == 0:
         return 0.0
     precision = 1.0 * num_same / len(prediction_tokens)
     recall = 1.0 * num_same / len(ground_truth_tokens)
-    return (2 * precision * recall) / (precision + recall)
-
-
-def f1_v2(prediction: str, ground_truth: str) -> float:
-    gold_toks = normalize_answer(ground_truth).split()
-    pred_toks = normalize_answer(prediction).split()
-    common = collections.Counter(gold_toks) & collections.Counter(pred_toks)
-    num_same = sum(common.values())
-    if len(gold_toks) == 0 or len(pred_toks) == 0:
-        # If either is no-answer, then F1 is 1 if they agree, 0 otherwise
-        return float(gold_toks == pred_toks)
-    if num_same == 0:
-        return 0.0
-    precision = 1.0 * num_same / len(pred_toks)
-    recall = 1.0 * num_same / len(gold_toks)
     return (2 * precision * recall) / (precision + recall)
 
 
@@ -115,13 +104,13 @@ class Squad(evaluate.Metric):
                 gold = [t for t in texts if normalize_answer(t)] or [""]
                 has_answer.append(gold != [""])
                 exact_scores.append(max(exact(prediction, g) for g in gold))
-                f1_scores.append(max(f1_v2(prediction, g) for g in gold))
+                f1_scores.append(max(f1(prediction, g, no_answer_rule=True) for g in gold))
             else:
                 if not texts:
                     raise ValueError(f"reference {ref['id']!r} has no answer; set version_2_with_negative")
                 # evaluate-v1.1.py: metric_max_over_ground_truths
                 exact_scores.append(max(exact(prediction, g) for g in texts))
-                f1_scores.append(max(f1_v1(prediction, g) for g in texts))
+                f1_scores.append(max(f1(prediction, g) for g in texts))
         total = len(references)
         result = {
             "exact_match": 100.0 * sum(exact_scores) / total if total else 0.0,
