@@ -222,6 +222,7 @@ def save_final(
     method: str,
     target: Path,
     state_dict: dict[str, torch.Tensor] | None = None,
+    base_model: str | None = None,
 ) -> None:
     """HF-format folder: adapter only for PEFT methods, the whole model (safetensors) for full fine-tuning.
 
@@ -234,7 +235,8 @@ def save_final(
         info = {
             "task": recipe.task,
             "method": method,
-            "base_model": recipe.model.name_or_path,
+            # what an adapter applies to: the recipe's model, or the from-scratch run's init/ folder
+            "base_model": base_model or recipe.model.name_or_path,
             "recipe": recipe.to_dict(),
         }
         (tmp / INFO_NAME).write_text(json.dumps({**info, **task.checkpoint_info()}, indent=2, default=str))
@@ -303,3 +305,22 @@ def load_final(path: str | Path, recipe: Recipe | None = None) -> tuple[Task, to
     else:
         model = task.load_model(str(folder))
     return task, model.eval(), tokenizer, info
+
+
+def load_causal_lm(path: str | Path) -> tuple[torch.nn.Module, Any]:
+    """(model, tokenizer) for generation: a causal-LM run (plain or PEFT, prefix tuning included) or any HF folder."""
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(path)
+    if any((c / INFO_NAME).exists() for c in (folder, folder / "model")):
+        task, model, tokenizer, info = load_final(folder)
+        if info["task"] != "causal_lm":
+            raise InputError(f"generate: {path} was trained for task {info['task']}, not causal_lm")
+    elif (folder / "config.json").is_file():
+        model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True).eval()
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    else:
+        raise InputError(f"generate: {path} is neither a run's output_dir nor a model folder with config.json")
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # GPT-style tokenizers ship without one; batches need it
+    return model, tokenizer

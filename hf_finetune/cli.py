@@ -1,4 +1,4 @@
-"""`hf-finetune train | eval | predict | merge`: argument parsing only; the work lives in the modules it calls."""
+"""`hf-finetune train | eval | predict | compare | merge | generate | make-tiny`: argument parsing only; the work lives in the modules it calls."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 from hf_finetune.errors import InputError
 
-EPILOG = """tasks: classification, question_answering
+EPILOG = """tasks: classification, question_answering, causal_lm, masked_lm
 methods: full, lora, adalora, prefix, prompt, ia3, dora
 
 examples:
@@ -21,6 +21,9 @@ examples:
   hf-finetune compare recipes/classification/sst2.yaml --methods full,lora,adalora,prefix --seeds 1,2,3 \
       data.train.max_samples=4000 output_dir=runs/sst2-compare
   hf-finetune train recipes/question_answering/squad.yaml method.name=full output_dir=runs/squad
+  hf-finetune train recipes/language_modeling/gpt_pretrain.yaml output_dir=runs/gpt
+  hf-finetune generate runs/gpt --prompt "It was" --max-new-tokens 40 --temperature 0.8 --top-p 0.95
+  hf-finetune make-tiny --arch gpt2 --output tiny-gpt2
 
 exit codes: 0 done, 2 bad input (one line on stderr naming the file, key or row), 1 anything else"""
 
@@ -77,6 +80,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="LoRA and AdaLoRA train the same number of parameters (AdaLoRA init_r = LoRA r, target_r = 2r/3)",
     )  # fmt: skip
     compare.add_argument("--dry-run", action="store_true", help="print the plan without training")
+
+    generate = sub.add_parser(
+        "generate", help="continue prompts with a causal LM (a run's output_dir, its model/ folder, or any HF folder)"
+    )
+    generate.add_argument("checkpoint")
+    source = generate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="one prompt; the continuation is printed")
+    source.add_argument("--input", help="JSONL with a 'prompt' field per row (batch mode; needs --output)")
+    generate.add_argument("--output", help="JSONL written with a 'generated' field added to each input row")
+    generate.add_argument("--max-new-tokens", type=int, default=50)
+    generate.add_argument("--temperature", type=float, default=0.0, help="0: greedy (or beam) search; >0: sampling")
+    generate.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
+    generate.add_argument("--num-beams", type=int, default=1)
+    generate.add_argument("--seed", type=int, default=0, help="sampling seed: the same seed gives the same text")
+    generate.add_argument("--batch-size", type=int, default=16)
+
+    tiny = sub.add_parser("make-tiny", help="write a tiny random-init model and a tokenizer trained on local text")
+    tiny.add_argument("--arch", required=True, choices=("bert", "gpt2", "llama", "roberta", "t5", "bart", "marian"))
+    tiny.add_argument("--output", required=True)
+    tiny.add_argument("--corpus", nargs="*", default=[], help="text files for the tokenizer (default: a built-in text)")
+    tiny.add_argument("--vocab-size", type=int, default=1000)
+    tiny.add_argument("--layers", type=int, default=2)
+    tiny.add_argument("--d-model", type=int, default=64)
+    tiny.add_argument("--heads", type=int, default=4)
+    tiny.add_argument("--ffn", type=int, default=None)
+    tiny.add_argument("--max-positions", type=int, default=128)
+    tiny.add_argument("--seed", type=int, default=0)
 
     merge = sub.add_parser("merge", help="fold a LoRA-family adapter into a plain HF model folder")
     merge.add_argument("checkpoint", help="a run's output_dir or its model/ folder")
@@ -191,6 +221,52 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from hf_finetune.checkpoint import load_causal_lm
+    from hf_finetune.tasks.language_modeling import generate
+
+    if args.input and not args.output:
+        raise InputError("generate --input needs --output")
+    rows = read_jsonl(Path(args.input)) if args.input else [{"prompt": args.prompt}]
+    for i, row in enumerate(rows):
+        if not isinstance(row.get("prompt"), str):
+            raise InputError(f"{args.input} row {i + 1}: no 'prompt' text field")
+    model, tokenizer = load_causal_lm(args.checkpoint)
+    texts = generate(
+        model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, top_p=args.top_p, num_beams=args.num_beams, seed=args.seed,
+        batch_size=args.batch_size,
+    )  # fmt: skip
+    if not args.input:
+        print(args.prompt + texts[0])
+        return 0
+    out = Path(args.output)
+    tmp = out.with_name(f".{out.name}.tmp")
+    with tmp.open("w") as f:
+        for row, text in zip(rows, texts, strict=True):
+            f.write(json.dumps({**row, "generated": text}) + "\n")
+    tmp.replace(out)
+    return 0
+
+
+def cmd_make_tiny(args: argparse.Namespace) -> int:
+    from hf_finetune.scratch import TINY_CORPUS, Dims, write_scratch_model
+
+    texts: list[str] = []
+    for name in args.corpus:
+        path = Path(name)
+        if not path.is_file():
+            raise InputError(f"--corpus {path}: file not found")
+        texts += path.read_text(encoding="utf-8").splitlines()
+    dims = Dims(
+        layers=args.layers, d_model=args.d_model, heads=args.heads, ffn=args.ffn,
+        max_positions=args.max_positions, vocab_size=args.vocab_size,
+    )  # fmt: skip
+    folder = write_scratch_model(Path(args.output), args.arch, texts or TINY_CORPUS.splitlines(), dims, args.seed)
+    print(folder)
+    return 0
+
+
 def read_jsonl(path: Path) -> list[dict]:
     if not path.is_file():
         raise InputError(f"{path}: input file not found")
@@ -216,4 +292,6 @@ COMMANDS = {
     "predict": cmd_predict,
     "compare": cmd_compare,
     "merge": cmd_merge,
+    "generate": cmd_generate,
+    "make-tiny": cmd_make_tiny,
 }

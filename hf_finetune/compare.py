@@ -289,8 +289,14 @@ def write_outputs(
     rows = [row(r, primary) for r in runs]
     summary = summarise(rows, methods)
     env = environment(base)
+    # the front is taken on "better" quality: perplexity counts down
+    from hf_finetune.tasks import get_task
+
+    sign = 1.0 if get_task(base).higher_is_better else -1.0
     points = [
-        (s["method"], s["trainable_params"], s["quality"]) for s in summary if s.get("quality") is not None
+        (s["method"], s["trainable_params"], sign * s["quality"])
+        for s in summary
+        if s.get("quality") is not None
     ]
     front = pareto(points)
     data = {

@@ -6,6 +6,7 @@ import gc
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,10 @@ def train(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
     checkpoint.check_output_dir(out, t.resume, overwrite)
     resume_from = checkpoint.find_resume_checkpoint(out, t.resume)
 
-    model_path = resolve_model(recipe.model.name_or_path, recipe.model.revision)
+    if recipe.model.from_scratch is not None:
+        model_path = build_from_scratch(recipe, task, raw, out, accelerator, resume_from is not None)
+    else:
+        model_path = resolve_model(recipe.model.name_or_path, recipe.model.revision)
     check_model(model_path, recipe)
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=recipe.model.trust_remote_code)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
@@ -95,6 +99,11 @@ def train(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
         checkpoint.prepare_output_dir(out, step, replace=overwrite and not t.resume, resolved=resolved)
     accelerator.init_trackers("tensorboard")
     log = checkpoint.MetricsLog(out / "metrics.jsonl", accelerator)
+    initial: dict[str, dict[str, float]] = {}
+    if t.eval_at_start and step == 0:
+        for split, loader in eval_loaders.items():
+            initial[split] = task.evaluate(model, loader, accelerator, split)
+            log.write({"step": 0, **{f"{split}/{k}": v for k, v in initial[split].items()}})
     higher_is_better = "loss" not in t.best_metric
 
     progress = tqdm(
@@ -196,8 +205,10 @@ def train(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
     results = {
         "task": recipe.task,
         "method": method.name,
-        "model": recipe.model.name_or_path,
+        "model": recipe.model.name_or_path if recipe.model.from_scratch is None else model_path,
         "metrics": metrics,
+        **({"initial_metrics": initial["validation"]} if "validation" in initial else {}),
+        **({"initial_test_metrics": initial["test"]} if "test" in initial else {}),
         **({"test_metrics": test_metrics} if test_metrics is not None else {}),
         "trainable_params": trainable,
         "total_params": total,
@@ -224,8 +235,9 @@ def train(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         checkpoint.save_final(
-            accelerator.unwrap_model(model), tokenizer, task, recipe, method.name, out / "model", full_state
-        )
+            accelerator.unwrap_model(model), tokenizer, task, recipe, method.name, out / "model", full_state,
+            base_model=model_path if recipe.model.from_scratch is not None else None,
+        )  # fmt: skip
         checkpoint.write_json_atomic(out / "results.json", results)
     accelerator.wait_for_everyone()  # tear the process group down together, not while process 0 still writes
     if world > 1:
@@ -238,6 +250,32 @@ def train(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
         time.sleep(0.2)
     accelerator.end_training()
     return results
+
+
+def build_from_scratch(
+    recipe: Recipe, task: Any, raw: Any, out: Path, accelerator: Accelerator, resuming: bool
+) -> str:
+    """`output_dir/init/`: the random-init model and the tokenizer trained on the training split, written once by the
+    main process. A resumed run reuses it: a retrained tokenizer could number the vocabulary differently."""
+    from hf_finetune.scratch import Dims, write_scratch_model
+
+    scratch = recipe.model.from_scratch
+    corpus = getattr(task, "tokenizer_corpus", None)
+    if corpus is None and scratch.tokenizer is None:
+        raise InputError(
+            f"model.from_scratch: task {recipe.task} cannot train a tokenizer; set model.from_scratch.tokenizer"
+        )
+    folder = out / "init"
+    if accelerator.is_main_process and not (resuming and (folder / "config.json").is_file()):
+        dims = Dims(**{k: getattr(scratch, k) for k in Dims.__dataclass_fields__})
+        tmp = out / ".init.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        texts = corpus(raw) if scratch.tokenizer is None else ()
+        write_scratch_model(tmp, scratch.architecture, texts, dims, recipe.training.seed, scratch.tokenizer)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    accelerator.wait_for_everyone()
+    return str(folder)
 
 
 def build_loaders(
@@ -340,10 +378,13 @@ def check_model(model_path: str, recipe: Recipe) -> None:
     offset = (config.pad_token_id or 0) + 1 if config.model_type in OFFSET_POSITIONS else 0
     limit = positions - offset
     max_length = recipe.training.max_length or TASKS[recipe.task].default_max_length
+    if recipe.task in ("causal_lm", "masked_lm"):
+        max_length = recipe.lm.block_size or max_length
     if max_length > limit:
+        key = "lm.block_size" if recipe.task.endswith("_lm") and recipe.lm.block_size else "training.max_length"
         raise InputError(
-            f"training.max_length: {max_length} is longer than {recipe.model.name_or_path} can take "
-            f"({limit} positions); set training.max_length<={limit}"
+            f"{key}: {max_length} is longer than {recipe.model.name_or_path} can take "
+            f"({limit} positions); set {key}<={limit}"
         )
 
 

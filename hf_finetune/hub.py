@@ -19,6 +19,14 @@ def resolve_model(name_or_path: str, revision: str | None = None) -> str:
     """A path `from_pretrained` can open without the network when that is possible, else the Hub id unchanged."""
     local = Path(name_or_path).expanduser()
     if local.is_dir():
+        if not (local / "config.json").exists() and (local / "model").is_dir():
+            # a run's output_dir: its final model (e.g. a pretraining run fine-tuned by another recipe)
+            if (local / "model" / "adapter_config.json").exists():
+                raise InputError(
+                    f"model.name_or_path: {local} holds an adapter, not a whole model; fold it into one with "
+                    f"`hf-finetune merge {local} --output DIR` and use DIR"
+                )
+            local = local / "model"
         if not (local / "config.json").exists():
             raise InputError(f"model.name_or_path: {local} is a folder without config.json")
         return str(local)

@@ -20,12 +20,32 @@ import yaml
 
 from hf_finetune.errors import InputError
 
-TaskName = Literal["classification", "question_answering"]
+TaskName = Literal["classification", "question_answering", "causal_lm", "masked_lm"]
 MethodName = Literal["full", "lora", "adalora", "prefix", "prompt", "ia3", "dora"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Scheduler = Literal[
     "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"
 ]
+
+
+@dataclass
+class FromScratchConfig:
+    """A random-init model of this shape with a tokenizer trained on the training split (see `hf_finetune/scratch.py`)."""
+
+    architecture: Literal["gpt2", "llama", "bert", "roberta", "t5", "bart", "marian"] = "gpt2"
+    layers: int = 4
+    d_model: int = 256
+    heads: int = 4
+    ffn: int | None = None
+    """Feed-forward width (default 4 x d_model)."""
+    max_positions: int = 512
+    vocab_size: int = 8192
+    """Tokenizer vocabulary to train: byte-level BPE (GPT-2, Llama, RoBERTa, BART), WordPiece (BERT), unigram (T5)."""
+    dropout: float = 0.1
+    tokenizer: str | None = None
+    """Reuse this tokenizer (a folder or Hub id) instead of training one."""
+    tokenizer_samples: int | None = None
+    """Train the tokenizer on the first N training rows only (default: all of them)."""
 
 
 @dataclass
@@ -36,6 +56,9 @@ class ModelConfig:
     """Hub revision (branch, tag or commit) when `name_or_path` is a Hub id."""
     trust_remote_code: bool = False
     """Run code shipped with the checkpoint. Off unless you ask for it."""
+    from_scratch: FromScratchConfig | None = None
+    """Pretrain from random init instead of `name_or_path`: the initial model and its tokenizer go to
+    `output_dir/init/` (a plain HF folder, the untrained baseline of the same architecture)."""
 
 
 @dataclass
@@ -154,6 +177,9 @@ class TrainingConfig:
     scored when an evaluation runs at its step, so make `save_every` a multiple of `eval_every`."""
     skip_nonfinite_batches: bool = False
     """On a NaN/inf loss skip the batch (its accumulation window makes no update) instead of stopping the run."""
+    eval_at_start: bool = False
+    """Evaluate before the first step too; results.json then holds `initial_metrics` (e.g. perplexity before
+    pretraining)."""
     resume: bool | str = False
     """`true`: continue from the newest checkpoint in `output_dir/checkpoints` (a fresh start when there is none);
     a path: continue from that `checkpoints/step_N` folder. Resumes mid-epoch, bit-identical on CPU."""
@@ -182,6 +208,21 @@ class QAConfig:
 
 
 @dataclass
+class LMConfig:
+    """Language modelling (`causal_lm`, `masked_lm`): text packed into blocks, as transformers' run_clm/run_mlm do."""
+
+    block_size: int | None = None
+    """Tokens per packed block (default: training.max_length, else 256)."""
+    join: Literal["auto", "newline", "eos"] = "auto"
+    """What separates consecutive rows in the token stream: `newline` for .txt lines (the text is restored as it was),
+    `eos` for documents (jsonl/csv/Hub rows). `auto` picks newline for .txt files, else eos."""
+    mlm_probability: float = 0.15
+    """Masked LM: fraction of non-special tokens selected for prediction (BERT: 15%)."""
+    whole_word_mask: bool = False
+    """Masked LM: select whole words rather than single sub-word tokens."""
+
+
+@dataclass
 class CompareConfig:
     """`hf-finetune compare` only; the command line's --methods, --seeds and --set take precedence."""
 
@@ -202,6 +243,8 @@ class Recipe:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     qa: QAConfig = field(default_factory=QAConfig)
     """Question answering only: windowing and post-processing."""
+    lm: LMConfig = field(default_factory=LMConfig)
+    """Language modelling only: packing and masking."""
     compare: CompareConfig = field(default_factory=CompareConfig)
     """`hf-finetune compare` only: methods, seeds and per-method overrides."""
     output_dir: str = "runs/default"
@@ -370,7 +413,12 @@ def _check_values(recipe: Recipe) -> list[str]:
         "qa.doc_stride": recipe.qa.doc_stride,
         "qa.n_best_size": recipe.qa.n_best_size,
         "qa.max_answer_length": recipe.qa.max_answer_length,
+        "lm.block_size": recipe.lm.block_size,
     }
+    scratch = recipe.model.from_scratch
+    if scratch is not None:
+        for key in ("layers", "d_model", "heads", "ffn", "max_positions", "vocab_size", "tokenizer_samples"):
+            positive[f"model.from_scratch.{key}"] = getattr(scratch, key)
     for split_name in ("train", "validation", "test"):
         split = getattr(recipe.data, split_name)
         if split is not None:
@@ -396,6 +444,8 @@ def _check_values(recipe: Recipe) -> list[str]:
         problems.append(
             f"'qa.doc_stride': must be smaller than training.max_length ({t.max_length}), got {recipe.qa.doc_stride}"
         )
+    if not 0 < recipe.lm.mlm_probability < 1:
+        problems.append(f"'lm.mlm_probability': must be in (0, 1), got {recipe.lm.mlm_probability}")
     if recipe.data.train is None:
         problems.append("'data.train': a training split is required")
     return problems

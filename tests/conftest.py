@@ -1,5 +1,5 @@
-"""Offline fixtures: a tiny BERT built from a config with a WordPiece tokenizer trained here, and a learnable
-synthetic classification data set."""
+"""Offline fixtures: a tiny BERT built from a config with a WordPiece tokenizer trained here (`make-tiny`'s builder),
+and a learnable synthetic classification data set."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import BertWordPieceTokenizer
-from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizer
+from transformers import AutoTokenizer, BertForSequenceClassification
+
+from hf_finetune.scratch import Dims, write_scratch_model
 
 WORDS = (
     "the a movie film plot actor scene story was is very quite rather really and but so this that it".split()
@@ -47,25 +48,11 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), corpus, vocab_size=120, max_positions=64)
 
 
-def build_tiny_bert(
-    folder: Path, corpus: list[str], vocab_size: int, max_positions: int, pooler: bool = True
-) -> Path:
-    """A 2-layer, 32-wide BERT with a WordPiece tokenizer trained on `corpus`, saved as a plain HF folder."""
-    trainer = BertWordPieceTokenizer(lowercase=True)
-    trainer.train_from_iterator(corpus, vocab_size=vocab_size, min_frequency=1)
-    tokenizer = BertTokenizer(vocab=trainer.get_vocab())
-    tokenizer.save_pretrained(folder)
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=max_positions,
-    )
-    torch.manual_seed(0)
-    BertModel(config, add_pooling_layer=pooler).save_pretrained(folder)
-    return folder
+def build_tiny_bert(folder: Path, corpus: list[str], vocab_size: int, max_positions: int) -> Path:
+    """A 2-layer, 32-wide BERT with a WordPiece tokenizer trained on `corpus`, saved as a plain HF folder by the same
+    builder as `hf-finetune make-tiny --arch bert`."""
+    dims = Dims(layers=2, d_model=32, heads=4, ffn=64, max_positions=max_positions, vocab_size=vocab_size)
+    return write_scratch_model(folder, "bert", corpus, dims, seed=0)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -111,7 +98,7 @@ def tiny_bert_pretrained(tiny_bert: Path, tmp_path_factory: pytest.TempPathFacto
     """The tiny BERT after a short supervised warm-up on the synthetic cues, saved without its head: methods that
     freeze the body (prefix, prompt, IA3) need features that carry the signal, as a real checkpoint's do."""
     folder = tmp_path_factory.mktemp("tiny-bert-pretrained")
-    tokenizer = BertTokenizer.from_pretrained(tiny_bert)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
     torch.manual_seed(0)
     model = BertForSequenceClassification.from_pretrained(tiny_bert, num_labels=2).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)

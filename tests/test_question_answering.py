@@ -59,7 +59,7 @@ def qa_rows(n: int, seed: int, words: tuple[int, int] = (6, 30), answer_words: i
 def tiny_qa_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
     corpus = [r["context"] for r in qa_rows(300, seed=0)] + [QUESTION] * 50
     folder = tmp_path_factory.mktemp("tiny-qa-bert")
-    return build_tiny_bert(folder, corpus, vocab_size=100, max_positions=128, pooler=False)
+    return build_tiny_bert(folder, corpus, vocab_size=100, max_positions=128)
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import typing
 from pathlib import Path
 
@@ -11,10 +12,17 @@ from hf_finetune.recipe import Recipe, TaskName
 
 def test_registry_matches_files_and_recipe_literal() -> None:
     files = {p.stem for p in Path(tasks.__file__).parent.glob("*.py") if p.stem != "__init__"}
-    assert set(tasks.TASK_NAMES) == files == set(typing.get_args(TaskName))
+    modules = {sys.modules[cls.__module__].__file__ and Path(sys.modules[cls.__module__].__file__).stem
+               for cls in tasks.TASKS.values()}  # fmt: skip
+    assert modules == files, "every task module is registered, and nothing else"
+    assert set(tasks.TASK_NAMES) == set(typing.get_args(TaskName))
     for name in tasks.TASK_NAMES:
         task = tasks.get_task(Recipe(task=name))
-        assert task.peft_task_type and task.head_modules
+        assert isinstance(task.higher_is_better, bool) and task.primary_metric
+        if name != "masked_lm":  # PEFT has no masked-LM task type
+            assert task.peft_task_type
+        if not name.endswith("_lm"):  # language models' heads are pretrained, not fresh
+            assert task.head_modules
 
 
 def test_help_lists_every_task() -> None:

@@ -11,19 +11,21 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from hf_finetune.recipe import Recipe
 from hf_finetune.tasks.classification import ClassificationTask
+from hf_finetune.tasks.language_modeling import LanguageModelingTask, MaskedLanguageModelingTask
 from hf_finetune.tasks.question_answering import QuestionAnsweringTask
 
 
 class Task(Protocol):
-    peft_task_type: str
-    """PEFT's TaskType name for this task's models (e.g. SEQ_CLS)."""
+    peft_task_type: str | None
+    """PEFT's TaskType name for this task's models (e.g. SEQ_CLS); None where PEFT has none (masked LM)."""
     head_modules: tuple[str, ...]
     """Names of freshly initialised head modules that train with every method."""
     default_max_length: int
     """Token limit when the recipe leaves `training.max_length` unset."""
     primary_metric: str
-    """The validation metric that ranks runs (higher is better), e.g. in `hf-finetune compare`."""
-    """Token limit when the recipe leaves `training.max_length` unset."""
+    """The validation metric that ranks runs, e.g. in `hf-finetune compare`."""
+    higher_is_better: bool
+    """Whether a larger `primary_metric` is better (accuracy, F1) or worse (perplexity)."""
 
     def __init__(self, recipe: Recipe) -> None: ...
 
@@ -52,10 +54,12 @@ class Task(Protocol):
     def restore(self, info: dict[str, Any]) -> None: ...
 
 
-# keys equal the module file names and the recipe's `task` values; a test keeps them in sync
+# keys equal the recipe's `task` values; a test keeps them in sync
 TASKS: dict[str, type[Task]] = {
     "classification": ClassificationTask,
     "question_answering": QuestionAnsweringTask,
+    "causal_lm": LanguageModelingTask,
+    "masked_lm": MaskedLanguageModelingTask,
 }
 TASK_NAMES = tuple(TASKS)
 

@@ -24,6 +24,7 @@ from hf_finetune.recipe import Recipe
 class ClassificationTask:
     peft_task_type = "SEQ_CLS"
     primary_metric = "accuracy"
+    higher_is_better = True
     default_max_length = 128
     # BERT's pooler counts as head: sentence-embedding checkpoints such as all-MiniLM-L6-v2 never trained it (they
     # mean-pool), so with it frozen a prefix or prompt has to work through a random projection. Its Linear, not the

@@ -150,6 +150,7 @@ def normalise_answers(value: Any) -> dict[str, list]:
 class QuestionAnsweringTask:
     peft_task_type = "QUESTION_ANS"
     primary_metric = "f1"
+    higher_is_better = True
     default_max_length = 384
     head_modules = ("qa_outputs",)
 

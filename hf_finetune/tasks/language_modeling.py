@@ -1,0 +1,402 @@
+"""Language modelling: causal LM (GPT-style) and masked LM (BERT-style) pretraining or continued pretraining, and text
+generation.
+
+Text is tokenised with `datasets.map` and packed into `lm.block_size` blocks, as transformers' run_clm.py and
+run_mlm.py do, except that the remainder is not dropped: every token lands in exactly one block, and only the last
+block of a split is shorter. Masked LM masks with transformers' `DataCollatorForLanguageModeling`; its evaluation
+splits are masked once, with a fixed seed, so that every evaluation scores the same positions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from datasets import Dataset, DatasetDict
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    DataCollatorForLanguageModeling,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from hf_finetune.data import require_columns, resolve_path
+from hf_finetune.errors import InputError
+from hf_finetune.metrics import load_metric
+from hf_finetune.recipe import Recipe
+
+DEFAULT_BLOCK_SIZE = 256
+
+
+class LanguageModelingTask:
+    head_modules: tuple[str, ...] = ()  # the LM head is pretrained (and usually tied to the embeddings)
+    default_max_length = DEFAULT_BLOCK_SIZE
+    primary_metric = "perplexity"
+    higher_is_better = False
+    causal = True
+
+    def __init__(self, recipe: Recipe) -> None:
+        self.recipe = recipe
+        self.column = recipe.data.columns.text
+        self.join = recipe.lm.join
+
+    @property
+    def peft_task_type(self) -> str | None:
+        # PEFT has no masked-LM task type; without one it wraps the model in its generic PeftModel
+        return "CAUSAL_LM" if self.causal else None
+
+    @property
+    def block_size(self) -> int:
+        return self.recipe.lm.block_size or self.recipe.training.max_length or DEFAULT_BLOCK_SIZE
+
+    def prepare(self, raw: DatasetDict) -> None:
+        for split in raw:
+            require_columns(raw[split], {"text": self.column}, split)
+            values = raw[split][self.column]
+            bad = next((i for i, v in enumerate(values) if v is not None and not isinstance(v, str)), None)
+            if bad is not None:
+                raise InputError(
+                    f"data.{split} row {bad}: column {self.column!r} (data.columns.text) is not text: {values[bad]!r}"
+                )
+            if not any(isinstance(v, str) and v.strip() for v in values):
+                raise InputError(f"data.{split}: column {self.column!r} holds no text")
+        if self.join == "auto":
+            path = self.recipe.data.train.path if self.recipe.data.train else None
+            local = resolve_path(path) if path else None
+            files = sorted(local.iterdir()) if local is not None and local.is_dir() else [local]
+            # datasets' text builder yields one row per line: rejoining them with newlines restores the text
+            self.join = "newline" if any(f is not None and f.suffix == ".txt" for f in files) else "eos"
+
+    def tokenizer_corpus(self, raw: DatasetDict) -> Iterator[str]:
+        """The text a from-scratch tokenizer is trained on: the training split."""
+        limit = self.recipe.model.from_scratch.tokenizer_samples if self.recipe.model.from_scratch else None
+        train = raw["train"] if limit is None else raw["train"].select(range(min(limit, len(raw["train"]))))
+        for batch in train.iter(batch_size=1000):
+            yield from (t for t in batch[self.column] if t)
+
+    def load_model(self, path: str) -> PreTrainedModel:
+        auto = AutoModelForCausalLM if self.causal else AutoModelForMaskedLM
+        return auto.from_pretrained(
+            path,
+            revision=self.recipe.model.revision,
+            use_safetensors=True,  # pickle-free weights only
+            trust_remote_code=self.recipe.model.trust_remote_code,
+        )
+
+    # ---- tokenising and packing ----------------------------------------------------------------------------------
+
+    def _tokenise(self, tokenizer: PreTrainedTokenizerBase, texts: list[str | None]) -> dict[str, list]:
+        texts = [t or "" for t in texts]
+        keep_offsets = not self.causal and self.recipe.lm.whole_word_mask
+        if not self.causal:
+            # BERT-style: every row framed by [CLS] ... [SEP], as in run_mlm.py; blank lines carry nothing
+            texts = [t for t in texts if t.strip()]
+            return tokenizer(
+                texts,
+                add_special_tokens=True,
+                return_special_tokens_mask=True,
+                return_offsets_mapping=keep_offsets,
+                return_attention_mask=False,
+                verbose=False,  # longer-than-model rows are fine: they are cut into blocks
+            )
+        if self.join == "newline":
+            encoded = tokenizer([t + "\n" for t in texts], add_special_tokens=False, return_attention_mask=False,
+                                verbose=False)  # fmt: skip
+            return {"input_ids": [ids for ids in encoded["input_ids"] if ids]}
+        eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+        if eos is None:
+            raise InputError(
+                "lm.join=eos: the tokenizer has neither an eos nor a sep token; set lm.join=newline"
+            )
+        encoded = tokenizer([t for t in texts if t], add_special_tokens=False, return_attention_mask=False,
+                            verbose=False)  # fmt: skip
+        return {"input_ids": [ids + [eos] for ids in encoded["input_ids"]]}
+
+    def pack(self, tokenised: Dataset) -> Dataset:
+        """Blocks of `block_size` tokens cut from the concatenation of every row; the last one keeps the rest.
+
+        run_clm.py's `group_texts` packs inside each `map` batch and drops every batch's remainder; packing the
+        split's whole token stream at once keeps every token. The stream is read from Arrow as flat numpy arrays (a
+        few bytes per token), so corpora of hundreds of millions of tokens still fit."""
+        size = self.block_size
+        streams = {}
+        for column in ("input_ids", "special_tokens_mask", "offset_mapping"):
+            if column in tokenised.column_names:
+                values = tokenised.data.column(column).combine_chunks().flatten()
+                if column == "offset_mapping":  # (start, end) pairs
+                    values = values.flatten().to_numpy().reshape(-1, 2)
+                else:
+                    values = values.to_numpy()
+                streams[column] = values
+        starts = range(0, len(streams["input_ids"]), size)
+        blocks = {c: [v[s : s + size].tolist() for s in starts] for c, v in streams.items()}
+        blocks["length"] = [len(b) for b in blocks["input_ids"]]
+        return Dataset.from_dict(blocks)
+
+    def preprocess(self, raw: DatasetDict, tokenizer: PreTrainedTokenizerBase) -> DatasetDict:
+        out = {}
+        for split, ds in raw.items():
+            tokenised = ds.map(
+                lambda b: self._tokenise(tokenizer, b[self.column]),
+                batched=True,
+                remove_columns=ds.column_names,
+                num_proc=self.recipe.data.num_proc,
+                desc=f"Tokenising {split}",
+            )
+            packed = self.pack(tokenised)
+            if not self.causal and split != "train":
+                packed = self._mask_once(packed, tokenizer)
+            out[split] = packed
+        return DatasetDict(out)
+
+    def _mask_once(self, packed: Dataset, tokenizer: PreTrainedTokenizerBase) -> Dataset:
+        """Evaluation blocks masked once, with a seed: every evaluation (and every run) scores the same positions."""
+        collate = LMCollator(tokenizer, self._masker(tokenizer, seed=self.recipe.training.seed))
+
+        def mask(batch: dict[str, list]) -> dict[str, list]:
+            rows = [{k: batch[k][i] for k in batch} for i in range(len(batch["input_ids"]))]
+            masked = collate(rows)
+            lengths = batch["length"]
+            return {
+                "input_ids": [r[:n].tolist() for r, n in zip(masked["input_ids"], lengths, strict=True)],
+                "labels": [r[:n].tolist() for r, n in zip(masked["labels"], lengths, strict=True)],
+                "length": lengths,
+            }
+
+        # one process, in order, never from a cache: the seeded stream then fixes the masks
+        return packed.map(mask, batched=True, remove_columns=packed.column_names, load_from_cache_file=False)
+
+    def _masker(
+        self, tokenizer: PreTrainedTokenizerBase, seed: int | None = None
+    ) -> DataCollatorForLanguageModeling:
+        if tokenizer.mask_token is None:
+            raise InputError(
+                f"task masked_lm: the tokenizer of {self.recipe.model.name_or_path} has no mask token"
+            )
+        return DataCollatorForLanguageModeling(
+            tokenizer,
+            mlm=True,
+            mlm_probability=self.recipe.lm.mlm_probability,
+            whole_word_mask=self.recipe.lm.whole_word_mask,
+            pad_to_multiple_of=8,
+            seed=seed,
+        )
+
+    def collator(self, tokenizer: PreTrainedTokenizerBase) -> LMCollator:
+        return LMCollator(tokenizer, None if self.causal else self._masker(tokenizer))
+
+    # ---- evaluation -----------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(
+        self, model: torch.nn.Module, loader: Any, accelerator: Accelerator, split: str = "validation"
+    ) -> dict[str, float]:
+        """Perplexity = exp(summed token loss / scored tokens) over the whole split, not a mean of batch means."""
+        metric = load_metric("perplexity")
+        model.eval()
+        for batch in loader:
+            labels = batch.pop("labels")
+            with accelerator.autocast():
+                logits = model(**batch).logits
+            sums, counts = token_losses(logits, labels, shift=self.causal)
+            sums, counts = accelerator.gather_for_metrics((sums, counts))
+            metric.add_batch(loss_sums=sums.tolist(), token_counts=counts.tolist())
+        model.train()
+        return metric.compute()
+
+    # ---- prediction -----------------------------------------------------------------------------------------------
+
+    def predict(
+        self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, rows: list[dict], **generation: Any
+    ) -> list[dict]:
+        """Causal LM: the continuation of each row's prompt. Masked LM: the likeliest tokens at each mask."""
+        key = "prompt" if all("prompt" in r for r in rows) else self.column
+        for i, row in enumerate(rows):
+            if not isinstance(row.get(key), str):
+                raise InputError(f"input row {i}: missing text field 'prompt' (or {self.column!r})")
+        prompts = [r[key] for r in rows]
+        if self.causal:
+            texts = generate(
+                model, tokenizer, prompts, batch_size=self.recipe.training.eval_batch, **generation
+            )
+            return [{"generated": t} for t in texts]
+        return fill_masks(model, tokenizer, prompts)
+
+    def checkpoint_info(self) -> dict[str, Any]:
+        return {"join": self.join}
+
+    def restore(self, info: dict[str, Any]) -> None:
+        self.join = info.get("join", self.join)
+
+
+class MaskedLanguageModelingTask(LanguageModelingTask):
+    causal = False
+    # The MLM head's transform (dense + LayerNorm; its decoder is the tied word embeddings) trains with every method:
+    # sentence-embedding checkpoints such as all-MiniLM-L6-v2 ship without it, so it starts random there.
+    head_modules = ("predictions.transform", "lm_head.dense", "lm_head.layer_norm")
+
+
+def token_losses(
+    logits: torch.Tensor, labels: torch.Tensor, shift: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row summed negative log-likelihood (nats) and scored-token count; -100 labels are not scored."""
+    if logits.shape[1] > labels.shape[1]:
+        logits = logits[:, -labels.shape[1] :]  # prompt tuning prepends virtual tokens to the outputs
+    if shift:  # position t predicts token t + 1
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    losses = F.cross_entropy(
+        logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none"
+    )  # (batch, length)
+    return losses.sum(1).double(), (labels != -100).sum(1)
+
+
+class LMCollator:
+    """Pads packed blocks (only a split's last block is short). Causal LM: labels are the inputs, pads unscored; pads
+    are told apart by the attention mask, not by id, because GPT-style models pad with their eos token. Masked LM:
+    training blocks are masked afresh every time by transformers' masking (`torch_mask_tokens`); evaluation blocks
+    arrive masked. Padding is ours because the tokenizer's `pad` cannot pad the offset pairs whole-word masking needs."""
+
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, masker: DataCollatorForLanguageModeling | None
+    ) -> None:
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.masker = masker
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        width = -(-max(len(r["input_ids"]) for r in rows) // 8) * 8  # multiples of 8: fewer distinct shapes
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        for i, r in enumerate(rows):
+            n = len(r["input_ids"])
+            ids[i, :n] = torch.tensor(r["input_ids"])
+            mask[i, :n] = 1
+            labels[i, :n] = torch.tensor(r["labels"] if "labels" in r else r["input_ids"])
+        if self.masker is not None and "labels" not in rows[0]:
+            ids, labels = self.mask(rows, ids, mask)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    def mask(
+        self, rows: list[dict[str, Any]], ids: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        special = torch.ones_like(ids)  # pads count as special: never selected
+        offsets = None
+        if "offset_mapping" in rows[0]:
+            offsets = torch.zeros((*ids.shape, 2), dtype=torch.long)
+        for i, r in enumerate(rows):
+            n = len(r["input_ids"])
+            special[i, :n] = torch.tensor(r["special_tokens_mask"])
+            if offsets is not None:
+                offsets[i, :n] = torch.tensor(r["offset_mapping"]).view(n, 2)
+        m = self.masker
+        if m.seed is not None and not isinstance(getattr(m, "generator", None), torch.Generator):
+            m.create_rng("pt")  # what the collator's own __call__ does first: its seeded generator
+        masked, labels = self.masker.torch_mask_tokens(
+            ids.clone(), special_tokens_mask=special, offset_mapping=offsets
+        )
+        labels[mask == 0] = -100
+        return masked, labels
+
+
+@torch.no_grad()
+def generate(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    max_new_tokens: int = 50,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    num_beams: int = 1,
+    seed: int = 0,
+    batch_size: int = 16,
+) -> list[str]:
+    """Continuations of `prompts` (the prompt itself not repeated). Temperature 0 is greedy (or beam) search.
+
+    Prompts are batched by length with left padding, so every row's continuation starts right after its last real
+    token; the order of the answers is that of `prompts`."""
+    if max_new_tokens < 1 or num_beams < 1 or temperature < 0 or not 0 < top_p <= 1:
+        raise InputError(
+            "generate: needs max_new_tokens >= 1, num_beams >= 1, temperature >= 0, 0 < top_p <= 1"
+        )
+    device = next(model.parameters()).device
+    model.eval()
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    sample = temperature > 0
+    options: dict[str, Any] = {
+        # PEFT 0.21 hands its prefix to generation as `past_key_values`, but transformers 5 generation passes its own
+        # (empty) KV cache as `cache`, which wins: with the cache on, the prefix is silently dropped. Without it, PEFT
+        # re-injects the prefix at every step and the output equals step-by-step decoding with full forward passes
+        # (tests/test_language_modeling.py), at quadratic cost.
+        "use_cache": not _is_peft_prefix(model),
+        "max_new_tokens": max_new_tokens,
+        "num_beams": num_beams,
+        "do_sample": sample,
+        "pad_token_id": pad,
+        **({"temperature": temperature, "top_p": top_p} if sample else {}),
+    }
+    lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    order = sorted(range(len(prompts)), key=lengths.__getitem__)
+    out: list[str] = [""] * len(prompts)
+    torch.manual_seed(seed)
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            enc = tokenizer(
+                [prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False
+            )
+            if enc["input_ids"].shape[1] == 0:
+                bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+                enc = {"input_ids": torch.full((len(idx), 1), bos), "attention_mask": torch.ones(len(idx), 1)}
+            enc = {k: v.to(device) for k, v in enc.items()}
+            generated = model.generate(**enc, **options)
+            new = generated[:, enc["input_ids"].shape[1] :]
+            for i, text in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True), strict=True):
+                out[i] = text
+    finally:
+        tokenizer.padding_side = side
+    return out
+
+
+def _is_peft_prefix(model: torch.nn.Module) -> bool:
+    config = getattr(model, "active_peft_config", None)
+    return getattr(config, "peft_type", None) == "PREFIX_TUNING"
+
+
+@torch.no_grad()
+def fill_masks(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, texts: list[str], top_k: int = 5
+) -> list[dict]:
+    device = next(model.parameters()).device
+    model.eval()
+    out = []
+    for text in texts:
+        enc = tokenizer(text, return_tensors="pt").to(device)
+        logits = model(**enc).logits[0]
+        positions = (enc["input_ids"][0] == tokenizer.mask_token_id).nonzero().flatten().tolist()
+        fills = []
+        for pos in positions:
+            probs = logits[pos].float().softmax(-1)
+            top = probs.topk(top_k)
+            fills.append(
+                [
+                    {"token": tokenizer.decode([i]).strip(), "probability": p}
+                    for p, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)
+                ]
+            )
+        out.append({"fills": fills})
+    return out
+
+
+def is_lm(task_name: str) -> bool:
+    return task_name in ("causal_lm", "masked_lm")
+
+
+def read_prompts(path: Path) -> list[str]:  # pragma: no cover - thin helper used by the CLI
+    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
