@@ -355,10 +355,14 @@ def test_language_modeling_bad_inputs(tiny_gpt2: Path, lm_data: Path, tmp_path: 
     assert not (tmp_path / "out" / "results.json").exists()
 
 
-def test_generation_with_prefix_tuning_keeps_the_prefix(pretrained_run: Path, tmp_path: Path, capsys) -> None:
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_prompt_learning_generation_keeps_its_prompt_with_the_cache(
+    method: str, pretrained_run: Path, tmp_path: Path, capsys
+) -> None:
     write_jsonl(tmp_path / "train.jsonl", [{"text": t} for t in shifted_story(64, 1)])
     write_jsonl(tmp_path / "validation.jsonl", [{"text": t} for t in shifted_story(8, 2)])
-    raw = lm_recipe(pretrained_run, tmp_path, tmp_path / "run", **{"method.name": "prefix", "training.lr": 1e-2,
+    lr = {"prefix": 1e-2, "prompt": 1e-1}[method]
+    raw = lm_recipe(pretrained_run, tmp_path, tmp_path / "run", **{"method.name": method, "training.lr": lr,
                                                                      "training.max_steps": 20})  # fmt: skip
     train(recipe_from_dict(raw))
     assert main(["generate", str(tmp_path / "run"), "--prompt", "the fox", "--max-new-tokens", "8"]) == 0
@@ -366,11 +370,12 @@ def test_generation_with_prefix_tuning_keeps_the_prefix(pretrained_run: Path, tm
     _, model, tokenizer, _ = load_final(tmp_path / "run")
     from hf_finetune.tasks.language_modeling import generate
 
-    prompts = ["the cat flew", "the dog"]
-    generated = generate(model, tokenizer, prompts, max_new_tokens=8)
-    for prompt, text in zip(prompts, generated, strict=True):
+    prompts = ["the cat flew over the", "the dog", "the horse flew"]
+    cached = generate(model, tokenizer, prompts, max_new_tokens=8, batch_size=3)
+    assert generate(model, tokenizer, prompts, max_new_tokens=8, batch_size=3, use_cache=False) == cached
+    for prompt, text in zip(prompts, cached, strict=True):
         seq = tokenizer([prompt], return_tensors="pt")["input_ids"]
-        with torch.no_grad():  # greedy by hand: one full forward pass (prefix included) per new token
+        with torch.no_grad():  # greedy by hand: one full forward pass (virtual tokens included) per new token
             for _ in range(8):
                 seq = torch.cat([seq, model(input_ids=seq).logits[:, -1:].argmax(-1)], 1)
         assert tokenizer.decode(seq[0]) == prompt + text

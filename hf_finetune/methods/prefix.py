@@ -8,9 +8,11 @@ prefix in front of the real keys/values in every layer; the 2-D attention mask i
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -274,3 +276,44 @@ class PrefixTuningModel(torch.nn.Module):
             for key, value in loaded.items():
                 expected[key].copy_(value)  # state_dict tensors share storage with the live parameters
         return wrapped
+
+
+@contextlib.contextmanager
+def peft_generation_cache(model: torch.nn.Module) -> Iterator[None]:
+    """Let PEFT's prompt learning (prefix and prompt tuning) generate with the KV cache on under transformers 5.
+
+    PEFT 0.21 reads and writes the generation cache under the old name `past_key_values`, while transformers 5's
+    `prepare_inputs_for_generation` passes it as `cache`. PEFT therefore never sees the cache: it re-injects its
+    prompt at every step and hands the prefix over as `past_key_values`, which the model drops in favour of
+    generation's own, empty `cache`. Greedy outputs then differ from step-by-step full forward passes. Renaming the
+    key on the way into PEFT's hook and back out restores PEFT's intended path; with it, cached and uncached greedy
+    generation agree (tests/test_language_modeling.py)."""
+    config = getattr(model, "active_peft_config", None)
+    if not getattr(config, "is_prompt_learning", False) or not hasattr(
+        model, "base_model_prepare_inputs_for_generation"
+    ):
+        yield
+        return
+    base_prepare = model.base_model_prepare_inputs_for_generation
+    peft_prepare = type(model).prepare_inputs_for_generation
+
+    # the parameter names matter: transformers validates generate's kwargs against this signature's **kwargs
+    def base(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        inputs = base_prepare(*args, **kwargs)
+        if "cache" in inputs:
+            inputs["past_key_values"] = inputs.pop("cache")
+        return inputs
+
+    def prepare(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        inputs = peft_prepare(model, *args, **kwargs)
+        if "past_key_values" in inputs:
+            inputs["cache"] = inputs.pop("past_key_values")
+        return inputs
+
+    model.base_model_prepare_inputs_for_generation = base
+    model.prepare_inputs_for_generation = prepare
+    try:
+        yield
+    finally:
+        model.base_model_prepare_inputs_for_generation = base_prepare
+        del model.prepare_inputs_for_generation

@@ -27,6 +27,7 @@ from transformers import (
 
 from hf_finetune.data import require_columns, resolve_path
 from hf_finetune.errors import InputError
+from hf_finetune.methods.prefix import peft_generation_cache
 from hf_finetune.metrics import load_metric
 from hf_finetune.recipe import Recipe
 
@@ -314,6 +315,7 @@ def generate(
     num_beams: int = 1,
     seed: int = 0,
     batch_size: int = 16,
+    use_cache: bool = True,
 ) -> list[str]:
     """Continuations of `prompts` (the prompt itself not repeated). Temperature 0 is greedy (or beam) search.
 
@@ -330,11 +332,7 @@ def generate(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     sample = temperature > 0
     options: dict[str, Any] = {
-        # PEFT 0.21 hands its prefix to generation as `past_key_values`, but transformers 5 generation passes its own
-        # (empty) KV cache as `cache`, which wins: with the cache on, the prefix is silently dropped. Without it, PEFT
-        # re-injects the prefix at every step and the output equals step-by-step decoding with full forward passes
-        # (tests/test_language_modeling.py), at quadratic cost.
-        "use_cache": not _is_peft_prefix(model),
+        "use_cache": use_cache,
         "max_new_tokens": max_new_tokens,
         "num_beams": num_beams,
         "do_sample": sample,
@@ -343,11 +341,15 @@ def generate(
     }
     lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
     order = sorted(range(len(prompts)), key=lengths.__getitem__)
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
+        # PEFT puts its virtual tokens in front of the left padding, which shifts the positions of the real tokens:
+        # soft-prompted rows would continue differently in a batch than alone. Batches of equal length need no pad.
+        batches = [b[i : i + batch_size] for b in _runs(order, lengths) for i in range(0, len(b), batch_size)]
     out: list[str] = [""] * len(prompts)
     torch.manual_seed(seed)
     try:
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
+        for idx in batches:
             enc = tokenizer(
                 [prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False
             )
@@ -355,7 +357,8 @@ def generate(
                 bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
                 enc = {"input_ids": torch.full((len(idx), 1), bos), "attention_mask": torch.ones(len(idx), 1)}
             enc = {k: v.to(device) for k, v in enc.items()}
-            generated = model.generate(**enc, **options)
+            with peft_generation_cache(model):
+                generated = model.generate(**enc, **options)
             new = generated[:, enc["input_ids"].shape[1] :]
             for i, text in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True), strict=True):
                 out[i] = text
@@ -364,9 +367,15 @@ def generate(
     return out
 
 
-def _is_peft_prefix(model: torch.nn.Module) -> bool:
-    config = getattr(model, "active_peft_config", None)
-    return getattr(config, "peft_type", None) == "PREFIX_TUNING"
+def _runs(order: list[int], lengths: list[int]) -> list[list[int]]:
+    """`order` (sorted by length) cut where the length changes."""
+    runs: list[list[int]] = []
+    for i in order:
+        if runs and lengths[runs[-1][-1]] == lengths[i]:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
 
 
 @torch.no_grad()
