@@ -10,7 +10,7 @@ from pathlib import Path
 
 from hf_finetune.errors import InputError
 
-EPILOG = """tasks: classification, question_answering, causal_lm, masked_lm
+EPILOG = """tasks: classification, question_answering, causal_lm, masked_lm, translation, summarization
 methods: full, lora, adalora, prefix, prompt, ia3, dora
 
 examples:
@@ -24,6 +24,7 @@ examples:
   hf-finetune train recipes/language_modeling/gpt_pretrain.yaml output_dir=runs/gpt
   hf-finetune generate runs/gpt --prompt "It was" --max-new-tokens 40 --temperature 0.8 --top-p 0.95
   hf-finetune make-tiny --arch gpt2 --output tiny-gpt2
+  hf-finetune train recipes/translation/multi30k_en_de.yaml output_dir=runs/multi30k
 
 exit codes: 0 done, 2 bad input (one line on stderr naming the file, key or row), 1 anything else"""
 

@@ -51,12 +51,16 @@ def train(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
     if recipe.model.from_scratch is not None:
         model_path = build_from_scratch(recipe, task, raw, out, accelerator, resume_from is not None)
     else:
-        model_path = resolve_model(recipe.model.name_or_path, recipe.model.revision)
+        model_path = resolve_model(
+            recipe.model.encoder_decoder_from or recipe.model.name_or_path, recipe.model.revision
+        )
     check_model(model_path, recipe)
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=recipe.model.trust_remote_code)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         # GPT-style tokenizers ship without a pad token; batches need one
         tokenizer.pad_token = tokenizer.eos_token
+    if hasattr(task, "attach_tokenizer"):  # generation tasks decode their outputs when evaluating
+        task.attach_tokenizer(tokenizer)
     with accelerator.main_process_first():  # one process tokenises, the others read datasets' cache
         encoded = task.preprocess(raw, tokenizer)
     train_set = encoded["train"]
@@ -124,7 +128,8 @@ def train(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
         for batch in loader:
             with accelerator.accumulate(model):
                 with accelerator.autocast():
-                    loss = model(**batch).loss
+                    outputs = model(**batch)
+                loss = outputs.loss if not t.label_smoothing else smoothed_loss(outputs, batch, t, task)
                 # the same verdict on every process, so all of them take the same branch
                 bad = accelerator.reduce((~torch.isfinite(loss.detach())).float(), "sum").item() > 0
                 if bad and not t.skip_nonfinite_batches:
@@ -236,7 +241,7 @@ def train(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
     if accelerator.is_main_process:
         checkpoint.save_final(
             accelerator.unwrap_model(model), tokenizer, task, recipe, method.name, out / "model", full_state,
-            base_model=model_path if recipe.model.from_scratch is not None else None,
+            base_model=model_path if recipe.model.from_scratch or recipe.model.encoder_decoder_from else None,
         )  # fmt: skip
         checkpoint.write_json_atomic(out / "results.json", results)
     accelerator.wait_for_everyone()  # tear the process group down together, not while process 0 still writes
@@ -250,6 +255,18 @@ def train(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
         time.sleep(0.2)
     accelerator.end_training()
     return results
+
+
+def smoothed_loss(outputs: Any, batch: dict[str, torch.Tensor], t: TrainingConfig, task: Any) -> torch.Tensor:
+    """Mean token cross-entropy with label smoothing (transformers' models compute theirs without it)."""
+    logits, labels = outputs.logits, batch["labels"]
+    if logits.shape[1] > labels.shape[1]:
+        logits = logits[:, -labels.shape[1] :]  # prompt tuning prepends virtual tokens
+    if getattr(task, "decoder_only", False) or getattr(task, "causal", False):
+        logits, labels = logits[:, :-1], labels[:, 1:]  # position t predicts token t + 1
+    return torch.nn.functional.cross_entropy(
+        logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, label_smoothing=t.label_smoothing
+    )
 
 
 def build_from_scratch(

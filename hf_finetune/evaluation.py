@@ -17,6 +17,8 @@ from hf_finetune.system import choose_precision
 def evaluate_checkpoint(recipe: Recipe, checkpoint: str) -> dict[str, Any]:
     accelerator = Accelerator(mixed_precision=choose_precision(recipe.training.precision))
     task, model, tokenizer, info = load_final(checkpoint, recipe)
+    if hasattr(task, "attach_tokenizer"):
+        task.attach_tokenizer(tokenizer)
     raw = load_splits(dataclasses.replace(recipe.data, train=None))
     task.prepare(raw)
     encoded = task.preprocess(raw, tokenizer)

@@ -20,11 +20,11 @@ import yaml
 
 from hf_finetune.errors import InputError
 
-TaskName = Literal["classification", "question_answering", "causal_lm", "masked_lm"]
+TaskName = Literal["classification", "question_answering", "causal_lm", "masked_lm", "translation", "summarization"]
 MethodName = Literal["full", "lora", "adalora", "prefix", "prompt", "ia3", "dora"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Scheduler = Literal[
-    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt"
 ]
 
 
@@ -56,6 +56,9 @@ class ModelConfig:
     """Hub revision (branch, tag or commit) when `name_or_path` is a Hub id."""
     trust_remote_code: bool = False
     """Run code shipped with the checkpoint. Off unless you ask for it."""
+    encoder_decoder_from: str | None = None
+    """Translation/summarization: warm-start an `EncoderDecoderModel` (BERT2BERT) from this BERT-style checkpoint (a
+    Hub id or folder) for both encoder and decoder; `name_or_path` is then only a label."""
     from_scratch: FromScratchConfig | None = None
     """Pretrain from random init instead of `name_or_path`: the initial model and its tokenizer go to
     `output_dir/init/` (a plain HF folder, the untrained baseline of the same architecture)."""
@@ -92,6 +95,13 @@ class ColumnsConfig:
     """Question answering: column of SQuAD-style `{text: [...], answer_start: [...]}` (character offsets)."""
     id: str = "id"
     """Question answering: column holding a unique example id (row numbers when the column is absent)."""
+    source: str = "source"
+    """Translation/summarization: column holding the input text."""
+    target: str = "target"
+    """Translation/summarization: column holding the reference output the model trains on."""
+    references: str | None = None
+    """Translation/summarization: column holding a list of references per example, used for scoring evaluation splits
+    when present in them (default: the target alone)."""
 
 
 @dataclass
@@ -177,6 +187,8 @@ class TrainingConfig:
     scored when an evaluation runs at its step, so make `save_every` a multiple of `eval_every`."""
     skip_nonfinite_batches: bool = False
     """On a NaN/inf loss skip the batch (its accumulation window makes no update) instead of stopping the run."""
+    label_smoothing: float = 0.0
+    """Cross-entropy label smoothing for generation tasks (0.1 in the Transformer paper); 0 uses the model's own loss."""
     eval_at_start: bool = False
     """Evaluate before the first step too; results.json then holds `initial_metrics` (e.g. perplexity before
     pretraining)."""
@@ -223,6 +235,23 @@ class LMConfig:
 
 
 @dataclass
+class Seq2SeqConfig:
+    """Translation and summarization: sequence lengths and generation (beam search by default)."""
+
+    source_prefix: str | None = None
+    """Text put before every source, e.g. T5's `translate English to German: ` or `summarize: `."""
+    max_target_length: int = 128
+    """Targets are cut to this many tokens for training; also the ceiling for generation."""
+    max_new_tokens: int | None = None
+    """Generation length limit (default: the 99th percentile of the training targets' lengths plus 10%)."""
+    num_beams: int = 4
+    length_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    separator: str | None = None
+    """Decoder-only models: text between source and target (default: the tokenizer's eos token)."""
+
+
+@dataclass
 class CompareConfig:
     """`hf-finetune compare` only; the command line's --methods, --seeds and --set take precedence."""
 
@@ -245,6 +274,8 @@ class Recipe:
     """Question answering only: windowing and post-processing."""
     lm: LMConfig = field(default_factory=LMConfig)
     """Language modelling only: packing and masking."""
+    seq2seq: Seq2SeqConfig = field(default_factory=Seq2SeqConfig)
+    """Translation and summarization only: lengths and generation."""
     compare: CompareConfig = field(default_factory=CompareConfig)
     """`hf-finetune compare` only: methods, seeds and per-method overrides."""
     output_dir: str = "runs/default"
@@ -414,6 +445,9 @@ def _check_values(recipe: Recipe) -> list[str]:
         "qa.n_best_size": recipe.qa.n_best_size,
         "qa.max_answer_length": recipe.qa.max_answer_length,
         "lm.block_size": recipe.lm.block_size,
+        "seq2seq.max_target_length": recipe.seq2seq.max_target_length,
+        "seq2seq.max_new_tokens": recipe.seq2seq.max_new_tokens,
+        "seq2seq.num_beams": recipe.seq2seq.num_beams,
     }
     scratch = recipe.model.from_scratch
     if scratch is not None:
@@ -444,6 +478,8 @@ def _check_values(recipe: Recipe) -> list[str]:
         problems.append(
             f"'qa.doc_stride': must be smaller than training.max_length ({t.max_length}), got {recipe.qa.doc_stride}"
         )
+    if not 0 <= t.label_smoothing < 1:
+        problems.append(f"'training.label_smoothing': must be in [0, 1), got {t.label_smoothing}")
     if not 0 < recipe.lm.mlm_probability < 1:
         problems.append(f"'lm.mlm_probability': must be in (0, 1), got {recipe.lm.mlm_probability}")
     if recipe.data.train is None:

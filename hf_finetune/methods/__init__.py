@@ -21,6 +21,10 @@ from peft import (
     get_peft_model,
 )
 from peft.optimizers import create_loraplus_optimizer
+from peft.utils.constants import (
+    TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING,
+    TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING,
+)
 
 from hf_finetune.errors import InputError
 from hf_finetune.methods.defaults import ALL_LINEAR, METHOD_DEFAULTS
@@ -130,6 +134,13 @@ def apply_method(
     peft_config = build_peft_config(method, task_type, total_steps, heads)
     if peft_config is None:
         return model, None
+    if isinstance(peft_config, IA3Config) and peft_config.target_modules is None:
+        # PEFT knows IA3's targets per model type; a BERT2BERT EncoderDecoderModel ("encoder-decoder") takes its
+        # encoder's, which the decoder shares
+        kind = getattr(getattr(model.config, "encoder", None), "model_type", None)
+        if kind in TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING:
+            peft_config.target_modules = TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING[kind]
+            peft_config.feedforward_modules = TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING[kind]
     peft_model = get_peft_model(model, peft_config)
     if method.name == "adalora":
         return peft_model, AdaLoraStep()

@@ -11,6 +11,8 @@ METRICS: dict[str, str] = {
     "classification": "classification",
     "perplexity": "perplexity",
     "squad": "squad",
+    "summarization": "summarization",
+    "translation": "translation",
 }
 
 _HERE = Path(__file__).resolve().parent

@@ -13,6 +13,7 @@ from hf_finetune.recipe import Recipe
 from hf_finetune.tasks.classification import ClassificationTask
 from hf_finetune.tasks.language_modeling import LanguageModelingTask, MaskedLanguageModelingTask
 from hf_finetune.tasks.question_answering import QuestionAnsweringTask
+from hf_finetune.tasks.seq2seq import SummarizationTask, TranslationTask
 
 
 class Task(Protocol):
@@ -60,6 +61,8 @@ TASKS: dict[str, type[Task]] = {
     "question_answering": QuestionAnsweringTask,
     "causal_lm": LanguageModelingTask,
     "masked_lm": MaskedLanguageModelingTask,
+    "translation": TranslationTask,
+    "summarization": SummarizationTask,
 }
 TASK_NAMES = tuple(TASKS)
 

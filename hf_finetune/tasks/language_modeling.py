@@ -13,10 +13,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from datasets import Dataset, DatasetDict
+from datasets.table import InMemoryTable
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForMaskedLM,
@@ -122,22 +125,20 @@ class LanguageModelingTask:
         """Blocks of `block_size` tokens cut from the concatenation of every row; the last one keeps the rest.
 
         run_clm.py's `group_texts` packs inside each `map` batch and drops every batch's remainder; packing the
-        split's whole token stream at once keeps every token. The stream is read from Arrow as flat numpy arrays (a
-        few bytes per token), so corpora of hundreds of millions of tokens still fit."""
+        split's whole token stream at once keeps every token. The stream stays in Arrow: the blocks are new list
+        offsets over the same flat token buffer, with no Python object per token."""
         size = self.block_size
-        streams = {}
-        for column in ("input_ids", "special_tokens_mask", "offset_mapping"):
-            if column in tokenised.column_names:
-                values = tokenised.data.column(column).combine_chunks().flatten()
-                if column == "offset_mapping":  # (start, end) pairs
-                    values = values.flatten().to_numpy().reshape(-1, 2)
-                else:
-                    values = values.to_numpy()
-                streams[column] = values
-        starts = range(0, len(streams["input_ids"]), size)
-        blocks = {c: [v[s : s + size].tolist() for s in starts] for c, v in streams.items()}
-        blocks["length"] = [len(b) for b in blocks["input_ids"]]
-        return Dataset.from_dict(blocks)
+        ids = tokenised.data.column("input_ids").combine_chunks().flatten()
+        offsets = pa.array(np.append(np.arange(0, len(ids), size), len(ids)), type=pa.int32())
+        columns = {"input_ids": pa.ListArray.from_arrays(offsets, ids)}
+        if "special_tokens_mask" in tokenised.column_names:
+            flags = tokenised.data.column("special_tokens_mask").combine_chunks().flatten()
+            columns["special_tokens_mask"] = pa.ListArray.from_arrays(offsets, flags)
+        if "offset_mapping" in tokenised.column_names:  # one (start, end) pair per token
+            pairs = tokenised.data.column("offset_mapping").combine_chunks().flatten()
+            columns["offset_mapping"] = pa.ListArray.from_arrays(offsets, pairs)
+        columns["length"] = pa.array(np.diff(offsets.to_numpy()))
+        return Dataset(InMemoryTable(pa.table(columns)))
 
     def preprocess(self, raw: DatasetDict, tokenizer: PreTrainedTokenizerBase) -> DatasetDict:
         out = {}

@@ -1,0 +1,59 @@
+"""Summarization metric: ROUGE-1/2/L/Lsum F-measures by Google's rouge-score, with stemming, several references."""
+
+# evaluate scans this script's imports with a per-line regex: keep one import per line.
+import re
+
+import datasets
+import evaluate
+from rouge_score import rouge_scorer
+
+_DESCRIPTION = """
+ROUGE-1, ROUGE-2, ROUGE-L and ROUGE-Lsum F-measures from the `rouge-score` package (the implementation of the
+original ROUGE-1.5.5 that Hugging Face's `rouge` metric wraps), with Porter stemming. ROUGE-Lsum is computed on
+sentences split onto separate lines. With several references, each example takes its best-matching reference per
+measure (`score_multi`), and the corpus figure is the mean over examples, on a 0-100 scale.
+"""
+
+_KWARGS_DESCRIPTION = """
+Args:
+    predictions (list of str): one summary per example.
+    references (list of list of str): the references of each example (one or more).
+Returns:
+    rouge1, rouge2, rougeL, rougeLsum (float): mean F-measure x 100.
+"""
+
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+# Sentence ends for ROUGE-Lsum: NLTK's punkt model is a separate download, so a rule: ., ! or ? then whitespace.
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def split_sentences(text: str) -> str:
+    return "\n".join(s for s in _SENTENCE_END.split(text.strip()) if s)
+
+
+@evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
+class Summarization(evaluate.Metric):
+    def _info(self) -> evaluate.MetricInfo:
+        return evaluate.MetricInfo(
+            description=_DESCRIPTION,
+            citation="Lin, ROUGE: A Package for Automatic Evaluation of Summaries, 2004",
+            inputs_description=_KWARGS_DESCRIPTION,
+            features=datasets.Features(
+                {
+                    "predictions": datasets.Value("string"),
+                    "references": datasets.Sequence(datasets.Value("string")),
+                }
+            ),
+        )
+
+    def _compute(self, predictions: list[str], references: list[list[str]]) -> dict[str, float]:
+        if any(not refs for refs in references):
+            raise ValueError("every example needs at least one reference")
+        scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+        totals = dict.fromkeys(ROUGE_TYPES, 0.0)
+        for prediction, refs in zip(predictions, references, strict=True):
+            scores = scorer.score_multi([split_sentences(r) for r in refs], split_sentences(prediction))
+            for key in ROUGE_TYPES:
+                totals[key] += scores[key].fmeasure
+        n = max(len(predictions), 1)
+        return {key: 100 * value / n for key, value in totals.items()}
