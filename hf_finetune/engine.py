@@ -258,7 +258,8 @@ def train(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
 
 
 def smoothed_loss(outputs: Any, batch: dict[str, torch.Tensor], t: TrainingConfig, task: Any) -> torch.Tensor:
-    """Mean token cross-entropy with label smoothing (transformers' models compute theirs without it)."""
+    """Mean token cross-entropy with label smoothing (transformers' models compute theirs without it). It replaces the
+    model's loss, so a regulariser PEFT adds to that loss (AdaLoRA's orthogonality term) is left out."""
     logits, labels = outputs.logits, batch["labels"]
     if logits.shape[1] > labels.shape[1]:
         logits = logits[:, -labels.shape[1] :]  # prompt tuning prepends virtual tokens

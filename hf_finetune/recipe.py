@@ -480,6 +480,8 @@ def _check_values(recipe: Recipe) -> list[str]:
         )
     if not 0 <= t.label_smoothing < 1:
         problems.append(f"'training.label_smoothing': must be in [0, 1), got {t.label_smoothing}")
+    elif t.label_smoothing and recipe.task not in ("translation", "summarization", "causal_lm", "masked_lm"):
+        problems.append(f"'training.label_smoothing': applies to token-level tasks, not {recipe.task}")
     if not 0 < recipe.lm.mlm_probability < 1:
         problems.append(f"'lm.mlm_probability': must be in (0, 1), got {recipe.lm.mlm_probability}")
     if recipe.data.train is None:
