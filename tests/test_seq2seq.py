@@ -114,7 +114,7 @@ FAMILIES = {
     "gpt2": {},
     "bert2bert": {"model.encoder_decoder_from": "BERT"},
 }
-LR = {"full": 3e-3, "lora": 1e-2, "adalora": 2e-2, "prefix": 1e-2, "prompt": 3e-2, "ia3": 1e-2}
+LR = {"full": 3e-3, "lora": 3e-3, "adalora": 1e-2, "prefix": 1e-2, "prompt": 3e-2, "ia3": 1e-2}
 
 
 @pytest.mark.parametrize("method", ["full", "lora", "adalora", "prefix", "prompt", "ia3"])
