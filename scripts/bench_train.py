@@ -49,7 +49,9 @@ def first_step_clock(spawned: float) -> dict[str, float]:
     seen: dict[str, float] = {}
 
     def hook(optimizer: Any, args: Any, kwargs: Any) -> None:
-        seen.setdefault("first_step_s", time.time() - spawned)
+        if "first_step_s" not in seen:
+            seen["first_step_s"] = time.time() - spawned
+            seen["rss_first_step_mb"] = peak_rss_mb()
 
     register_optimizer_step_post_hook(hook)
     return seen
@@ -74,6 +76,7 @@ def run_ours(cfg: dict[str, Any]) -> dict[str, Any]:
     evaluate = ClassificationTask.evaluate
 
     def timed_evaluate(self: Any, *args: Any, **kwargs: Any) -> dict[str, float]:
+        seen.setdefault("rss_before_eval_mb", peak_rss_mb())
         start = time.perf_counter()
         scores = evaluate(self, *args, **kwargs)
         eval_times.append(time.perf_counter() - start)
@@ -100,6 +103,8 @@ def run_ours(cfg: dict[str, Any]) -> dict[str, Any]:
         "samples_per_s": results["train_samples_per_s"],
         "tokens_per_s": results["train_tokens_per_s"],
         "first_step_s": seen.get("first_step_s", float("nan")),
+        "rss_first_step_mb": seen.get("rss_first_step_mb"),
+        "rss_before_eval_mb": seen.get("rss_before_eval_mb"),
         "eval_s": eval_times[-1],
         "accuracy": results["metrics"]["accuracy"],
         "peak_rss_mb": peak_rss_mb(),
@@ -210,6 +215,7 @@ def run_peer(cfg: dict[str, Any]) -> dict[str, Any]:
             report_to="none",
             label_names=["labels"],
             train_sampling_strategy="random" if run_glue else "group_by_length",
+            bf16=cfg.get("peer_precision", "fp32") == "bf16",  # autocast, as ours with training.precision=bf16/auto
         )
         trainer = Trainer(
             model=model,
@@ -221,6 +227,7 @@ def run_peer(cfg: dict[str, Any]) -> dict[str, Any]:
             compute_metrics=accuracy,
         )
         train_s = trainer.train().metrics["train_runtime"]
+        rss_before_eval = peak_rss_mb()
         start = time.perf_counter()
         scores = trainer.evaluate()
         eval_s = time.perf_counter() - start
@@ -229,11 +236,13 @@ def run_peer(cfg: dict[str, Any]) -> dict[str, Any]:
         "samples_per_s": len(encoded["train"]) / train_s,
         "tokens_per_s": real_tokens / train_s,
         "first_step_s": seen.get("first_step_s", float("nan")),
+        "rss_first_step_mb": seen.get("rss_first_step_mb"),
+        "rss_before_eval_mb": rss_before_eval,
         "eval_s": eval_s,
         "accuracy": scores["eval_accuracy"],
         "peak_rss_mb": peak_rss_mb(),
         "steps": trainer.state.global_step,
-        "precision": "no",
+        "precision": cfg.get("peer_precision", "fp32"),
         "threads": torch.get_num_threads(),
         "optim": str(args.optim),
     }
@@ -273,9 +282,10 @@ def model_flops_per_token(method: str) -> tuple[float, str]:
     )
 
 
-def machine_peak() -> tuple[float, float, str]:
-    """fp32 and bf16 peak FLOP/s of the cores this process may use, from /proc/cpuinfo's clock."""
-    cores = len(os.sched_getaffinity(0))
+def machine_peak(threads: int) -> tuple[float, float, str]:
+    """fp32 and bf16 peak FLOP/s of the cores the runs used (their torch threads, at most the cores this process may
+    use), from /proc/cpuinfo's clock."""
+    cores = min(threads, len(os.sched_getaffinity(0)))
     info = Path("/proc/cpuinfo").read_text()
     mhz = float(re.search(r"cpu MHz\s*:\s*([\d.]+)", info).group(1))
     flags = set(re.search(r"flags\s*:(.*)", info).group(1).split())
@@ -305,7 +315,8 @@ def spawn(side: str, cfg: dict[str, Any], log_dir: Path, index: int) -> dict[str
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_TAG)]
     if proc.returncode or not lines:
         raise SystemExit(f"{side} run failed (exit {proc.returncode}); see {log}")
-    return json.loads(lines[-1][len(RESULT_TAG) :])
+    # 1-minute load average as the run ends: about the run's thread count when it had the machine to itself
+    return {**json.loads(lines[-1][len(RESULT_TAG) :]), "load_1min": os.getloadavg()[0]}
 
 
 COLUMNS = (
@@ -325,6 +336,16 @@ def table_row(label: str, run: dict[str, Any], flops: float, peak: float) -> str
     return f"| {label} | " + " | ".join(cells) + f" | {achieved / 1e9:.1f} | {100 * achieved / peak:.1f}% |"
 
 
+def labels(args: argparse.Namespace) -> tuple[str, str]:
+    label_a = "ours" + "".join(f" {x}" for x in args.set + args.patch)
+    label_b = (
+        "ours" + "".join(f" {x}" for x in args.peer_set + args.peer_patch)
+        if args.peer == "ours"
+        else args.peer + (" bf16" if args.peer_precision == "bf16" else "")
+    )
+    return label_a, label_b
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--method", choices=("full", "lora"), default="full")
@@ -339,12 +360,21 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--set", action="append", default=[], help="recipe override for ours, e.g. training.precision=auto")
     parser.add_argument("--patch", action="append", default=[], choices=PATCHES, help="undo an engine choice in ours")
+    parser.add_argument("--peer-precision", choices=("fp32", "bf16"), default="fp32", help="the Trainer's")
     parser.add_argument("--peer-set", action="append", default=[], help="with --peer ours: overrides for side B")
     parser.add_argument("--peer-patch", action="append", default=[], choices=PATCHES, help="with --peer ours")
     parser.add_argument("--log-dir", default=None, help="children's stderr (default: a temporary folder)")
     parser.add_argument("--json", help="also write every run's figures here")
+    parser.add_argument("--report", help="print the table again from a --json file (the other options are ignored)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.report:
+        saved = json.loads(Path(args.report).read_text())
+        args = parser.parse_args(saved["command"].split()[2:])
+        label_a, label_b = labels(args)
+        print(f"$ {saved['command']}")
+        report(saved["runs"], label_a, label_b, args.method)
+        return
     if args.child:
         cfg = json.loads(args.child)
         result = run_ours(cfg) if cfg["side"] == "ours" else run_peer(cfg)
@@ -363,12 +393,9 @@ def main() -> None:
     b = (
         {**common, "side": "ours", "overrides": args.peer_set, "patches": args.peer_patch}
         if args.peer == "ours"
-        else {**common, "side": "peer", "peer": args.peer}
+        else {**common, "side": "peer", "peer": args.peer, "peer_precision": args.peer_precision}
     )
-    label_a = "ours" + "".join(f" {x}" for x in args.set + args.patch)
-    label_b = (
-        "ours" + "".join(f" {x}" for x in args.peer_set + args.peer_patch) if args.peer == "ours" else args.peer
-    )
+    label_a, label_b = labels(args)
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="bench_train_"))
     log_dir.mkdir(parents=True, exist_ok=True)
     command = " ".join(["python scripts/bench_train.py", *sys.argv[1:]])
@@ -384,10 +411,16 @@ def main() -> None:
             run = spawn(side, a if side == "A" else b, log_dir, index)
             runs[side].append(run)
             print(f"  run {index} {side}: {run['samples_per_s']:.1f} samples/s, acc {run['accuracy']:.4f}, "
-                  f"train {run['train_s']:.1f} s, rss {run['peak_rss_mb']:.0f} MB", flush=True)  # fmt: skip
+                  f"train {run['train_s']:.1f} s, rss {run['peak_rss_mb']:.0f} MB, load {run['load_1min']:.2f}", flush=True)  # fmt: skip
 
-    flops, convention = model_flops_per_token(args.method)
-    fp32_peak, bf16_peak, peak_note = machine_peak()
+    if args.json:
+        Path(args.json).write_text(json.dumps({"command": command, "runs": runs}, indent=1))
+    report(runs, label_a, label_b, args.method)
+
+
+def report(runs: dict[str, list[dict[str, Any]]], label_a: str, label_b: str, method: str) -> None:
+    flops, convention = model_flops_per_token(method)
+    fp32_peak, bf16_peak, peak_note = machine_peak(max(r["threads"] for rs in runs.values() for r in rs))
     medians = {side: {key: statistics.median(r[key] for r in rs) for key, _, _ in COLUMNS} for side, rs in runs.items()}
     header = "| run | " + " | ".join(title for _, title, _ in COLUMNS) + " | GFLOP/s | of fp32 peak |"
     print("\n" + header + "\n" + "|---" * (len(COLUMNS) + 3) + "|")
@@ -402,16 +435,15 @@ def main() -> None:
         + f" | {100 * (medians['A']['accuracy'] - medians['B']['accuracy']):+.2f} pts | | |"
     )  # fmt: skip
     print("Ratios are of the medians, A over B: above 1 for rates means A is faster, for times (s) that A is slower; "
-          "accuracy as the difference in points.")
+          "accuracy as the difference in points.")  # fmt: skip
     print(f"\nModel FLOPs per real token: {flops / 1e6:.1f} MFLOP ({convention}); achieved FLOP/s = that x real "
           f"tokens / train time. {peak_note} Against the bf16 AMX peak the fractions are "
           f"{fp32_peak / bf16_peak:.3f}x those shown.")  # fmt: skip
     extra = {k: runs["B"][0][k] for k in ("optim", "precision", "threads") if k in runs["B"][0]}
     print(f"A: precision {runs['A'][0]['precision']}, {runs['A'][0]['threads']} threads, {runs['A'][0]['steps']} "
-          f"steps; B: {extra}, {runs['B'][0]['steps']} steps")  # fmt: skip
-    if args.json:
-        Path(args.json).write_text(json.dumps({"command": command, "runs": runs, "medians": medians}, indent=1))
-
+          f"steps; B: {extra}, {runs['B'][0]['steps']} steps; 1-minute load average at the end of each run "
+          f"(a run alone on the machine adds about its thread count; more means it shared the cores): A {[round(r['load_1min'], 2) for r in runs['A']]}, "
+          f"B {[round(r['load_1min'], 2) for r in runs['B']]}")  # fmt: skip
 
 if __name__ == "__main__":
     main()
