@@ -78,7 +78,10 @@ def train(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
     trainable, total = count_parameters(model)
 
     train_loader, eval_loaders = build_loaders(task, encoded, tokenizer, t, world)
-    optimizer = build_optimizer(model, method, lr, t.weight_decay)
+    # fused AdamW: on one CPU thread the for-loop AdamW spends ~230 ms per step on MiniLM's 22.7M parameters, the
+    # fused kernel ~50 ms; training ran 1.11x faster (docs/benchmarks.md, issue #8). Other devices keep the for-loop.
+    fused = accelerator.device.type in ("cpu", "cuda")
+    optimizer = build_optimizer(model, method, lr, t.weight_decay, fused=fused)
     scheduler = get_scheduler(
         t.scheduler,
         optimizer,

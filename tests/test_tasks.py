@@ -1,4 +1,4 @@
-"""The task registry, the recipe's task names and the module files stay in sync."""
+"""The task registry, the recipe's task names and the module files stay in sync; task collators pad as intended."""
 
 from __future__ import annotations
 
@@ -6,8 +6,13 @@ import sys
 import typing
 from pathlib import Path
 
+import pytest
+import torch
+from transformers import AutoTokenizer
+
 import hf_finetune.tasks as tasks
 from hf_finetune.recipe import Recipe, TaskName
+from hf_finetune.tasks.classification import ClassificationTask
 
 
 def test_registry_matches_files_and_recipe_literal() -> None:
@@ -30,3 +35,13 @@ def test_help_lists_every_task() -> None:
 
     listed = EPILOG.splitlines()[0].removeprefix("tasks: ").split(", ")
     assert listed == list(tasks.TASK_NAMES)
+
+
+@pytest.mark.parametrize(("cuda", "width"), [(False, 5), (True, 8)])
+def test_classification_pads_to_multiples_of_8_on_gpus_only(
+    tiny_bert: Path, monkeypatch: pytest.MonkeyPatch, cuda: bool, width: int
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    collate = ClassificationTask(Recipe()).collator(AutoTokenizer.from_pretrained(tiny_bert))
+    batch = collate([{"input_ids": [1, 2, 3, 4, 5], "labels": 0}, {"input_ids": [1, 2], "labels": 1}])
+    assert batch["input_ids"].shape == (2, width)

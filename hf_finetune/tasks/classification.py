@@ -128,8 +128,10 @@ class ClassificationTask:
         )
 
     def collator(self, tokenizer: PreTrainedTokenizerBase) -> DataCollatorWithPadding:
-        # multiples of 8 keep tensor-core / AMX tile shapes and bound the number of distinct shapes
-        return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8)
+        # multiples of 8 keep GPU tensor-core tile shapes. A CPU gains nothing from them (its matmuls see batch x length
+        # rows, already a multiple of the batch size) and pays for every pad token: SST-2 sentences average ~13 tokens,
+        # and without the rounding our training ran 1.10x faster (docs/benchmarks.md, issue #8)
+        return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if torch.cuda.is_available() else None)
 
     @torch.no_grad()
     def evaluate(
