@@ -263,11 +263,10 @@ def train(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
 def smoothed_loss(outputs: Any, batch: dict[str, torch.Tensor], t: TrainingConfig, task: Any) -> torch.Tensor:
     """Mean token cross-entropy with label smoothing (transformers' models compute theirs without it). It replaces the
     model's loss, so a regulariser PEFT adds to that loss (AdaLoRA's orthogonality term) is left out."""
-    logits, labels = outputs.logits, batch["labels"]
-    if logits.shape[1] > labels.shape[1]:
-        logits = logits[:, -labels.shape[1] :]  # prompt tuning prepends virtual tokens
-    if getattr(task, "decoder_only", False) or getattr(task, "causal", False):
-        logits, labels = logits[:, :-1], labels[:, 1:]  # position t predicts token t + 1
+    from hf_finetune.tasks.language_modeling import align_logits
+
+    shift = getattr(task, "decoder_only", False) or getattr(task, "causal", False)
+    logits, labels = align_logits(outputs.logits, batch["labels"], shift)
     return torch.nn.functional.cross_entropy(
         logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, label_smoothing=t.label_smoothing
     )

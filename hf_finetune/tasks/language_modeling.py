@@ -10,7 +10,6 @@ splits are masked once, with a fixed seed, so that every evaluation scores the s
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -243,14 +242,23 @@ class MaskedLanguageModelingTask(LanguageModelingTask):
     head_modules = ("predictions.transform", "lm_head.dense", "lm_head.layer_norm")
 
 
+def align_logits(
+    logits: torch.Tensor, labels: torch.Tensor, shift: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels position by position: prompt tuning's virtual tokens dropped from the outputs, and for
+    causal models position t scored against token t + 1."""
+    if logits.shape[1] > labels.shape[1]:
+        logits = logits[:, -labels.shape[1] :]  # prompt tuning prepends virtual tokens to the outputs
+    if shift:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    return logits, labels
+
+
 def token_losses(
     logits: torch.Tensor, labels: torch.Tensor, shift: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row summed negative log-likelihood (nats) and scored-token count; -100 labels are not scored."""
-    if logits.shape[1] > labels.shape[1]:
-        logits = logits[:, -labels.shape[1] :]  # prompt tuning prepends virtual tokens to the outputs
-    if shift:  # position t predicts token t + 1
-        logits, labels = logits[:, :-1], labels[:, 1:]
+    logits, labels = align_logits(logits, labels, shift)
     losses = F.cross_entropy(
         logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none"
     )  # (batch, length)
@@ -402,11 +410,3 @@ def fill_masks(
             )
         out.append({"fills": fills})
     return out
-
-
-def is_lm(task_name: str) -> bool:
-    return task_name in ("causal_lm", "masked_lm")
-
-
-def read_prompts(path: Path) -> list[str]:  # pragma: no cover - thin helper used by the CLI
-    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

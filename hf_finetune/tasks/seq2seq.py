@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from datasets import DatasetDict
 from transformers import (
@@ -37,6 +36,7 @@ from hf_finetune.errors import InputError
 from hf_finetune.methods.prefix import peft_generation_cache
 from hf_finetune.metrics import load_metric
 from hf_finetune.recipe import Recipe
+from hf_finetune.tasks.language_modeling import token_losses
 
 EXTRA_KEYS = ("example_index", "prompt_length")
 """Evaluation-only features the collator passes through and `evaluate` pops before the model sees the batch."""
@@ -246,7 +246,7 @@ class Seq2SeqTask:
                     inputs["decoder_input_ids"] = decoder_inputs(unwrapped, labels)
                 with accelerator.autocast():
                     logits = model(**inputs).logits
-                sums, counts = sequence_losses(logits, labels, shift=self.decoder_only)
+                sums, counts = token_losses(logits, labels, shift=self.decoder_only)
             with accelerator.autocast():
                 new = self._generate(unwrapped, batch, prompt_length, options, pad)
             new = accelerator.pad_across_processes(new, dim=1, pad_index=pad)
@@ -422,18 +422,6 @@ def max_new_tokens_from(encoded: DatasetDict, decoder_only: bool, cap: int) -> i
     if not lengths:
         return cap
     return min(cap, int(math.ceil(float(np.percentile(lengths, 99)) * 1.1)) + 2)
-
-
-def sequence_losses(
-    logits: torch.Tensor, labels: torch.Tensor, shift: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row summed token NLL and scored-token count (labels -100 unscored); eval_loss is their ratio."""
-    if logits.shape[1] > labels.shape[1]:
-        logits = logits[:, -labels.shape[1] :]  # prompt tuning prepends virtual tokens
-    if shift:
-        logits, labels = logits[:, :-1], labels[:, 1:]
-    losses = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
-    return losses.sum(1).double(), (labels != -100).sum(1)
 
 
 class Seq2SeqCollator:
