@@ -4,11 +4,18 @@ PEFT 0.21 raises "Model does not support past key values" for BERT-style encoder
 `*ForSequenceClassification` under transformers 5. Their attention layers still call `cache.update(k, v, layer)`
 on a `cache=` argument, so handing them a `DynamicCache` pre-filled with the learned prefix keys/values puts the
 prefix in front of the real keys/values in every layer; the 2-D attention mask is widened to cover it.
+
+A BERT2BERT `EncoderDecoderModel` is refused by PEFT too ("Please specify `num_layers`", then the encoder limit
+above), and a pre-filled cache cannot carry its prefix through `generate` (generation would take the prefix for
+already decoded tokens). There the prefix enters through transformers' attention interface instead: every encoder
+self-, decoder self- and cross-attention module gets its own learned keys/values (Li & Liang's placement), prepended
+inside the attention function at each call, so the KV cache, beam search and positions are untouched.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import inspect
 import json
 import os
@@ -21,7 +28,9 @@ import torch
 from peft import PrefixTuningConfig
 from peft.tuners.prefix_tuning import PrefixEncoder
 from safetensors.torch import load_file, save_file
-from transformers import DynamicCache, PreTrainedModel
+from transformers import AttentionInterface, DynamicCache, PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.models.auto.modeling_auto import (
     MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
     MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
@@ -56,12 +65,70 @@ def _class_names(mapping: Any) -> set[str]:
 def supports_native_prefix(model: PreTrainedModel) -> bool:
     """True when PEFT's own prefix tuning handles `model`: encoder-decoder LMs and cache-capable causal LMs."""
     name, config = type(model).__name__, model.config
+    if config.model_type == "encoder-decoder":  # BERT2BERT: PEFT asks for `num_layers`, then meets the encoder
+        return False
     if name in _class_names(MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES) or name.endswith("ForSeq2SeqLM"):
         return bool(getattr(config, "is_encoder_decoder", False))
     if name in _class_names(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) or name.endswith("ForCausalLM"):
         supports_cache = getattr(type(model), "_supports_default_dynamic_cache", lambda: False)()
         return supports_cache and not getattr(model, "_is_stateful", False) and not config.is_encoder_decoder
     return False
+
+
+PREFIX_ATTENTION = "hf_finetune_prefix"
+# While a prefix-tuned encoder-decoder runs: its prefix, (attention modules * 2, 1, heads, P, head_dim), and the
+# slots that attended to it; else None.
+_ACTIVE_PREFIX: contextvars.ContextVar[tuple[torch.Tensor, set[int]] | None] = contextvars.ContextVar(
+    "prefix_kv", default=None
+)
+_SLOT = "_hf_finetune_prefix_slot"
+
+
+def _prefix_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """SDPA attention with the active prefix's keys/values for `module` in front of its own."""
+    active, slot = _ACTIVE_PREFIX.get(), getattr(module, _SLOT, None)
+    if active is None or slot is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    kv, hits = active
+    hits.add(slot)
+    rows, prefix = key.shape[0], kv.shape[3]
+    # one prefix for all rows: beam search and batching only change the query's batch size
+    key = torch.cat([kv[2 * slot].to(key.dtype).expand(rows, -1, -1, -1), key], dim=2)
+    value = torch.cat([kv[2 * slot + 1].to(value.dtype).expand(rows, -1, -1, -1), value], dim=2)
+    q_len, kv_len = query.shape[2], key.shape[2] - prefix
+    causal = kwargs.pop("is_causal", None)
+    causal = getattr(module, "is_causal", False) if causal is None else causal
+    if attention_mask is None and causal and q_len > 1:
+        # no padding, so transformers left causality to SDPA's is_causal, which cannot offset for the prefix
+        attention_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device)
+        attention_mask = attention_mask.tril(kv_len - q_len)[None, None]
+    if attention_mask is not None:  # every query sees the whole prefix
+        fill = torch.ones if attention_mask.dtype == torch.bool else torch.zeros
+        visible = fill(*attention_mask.shape[:-1], prefix, dtype=attention_mask.dtype, device=attention_mask.device)
+        attention_mask = torch.cat([visible, attention_mask], dim=-1)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, is_causal=False, **kwargs)
+
+
+AttentionInterface.register(PREFIX_ATTENTION, _prefix_attention)
+# the masks are SDPA's own; only the attention function widens them
+AttentionMaskInterface.register(PREFIX_ATTENTION, sdpa_mask)
+
+
+def _attention_modules(model: PreTrainedModel) -> list[torch.nn.Module]:
+    """BERT-style attention cores (self and cross) that call transformers' attention interface."""
+    return [
+        m
+        for m in model.modules()
+        if hasattr(m, "layer_idx") and hasattr(m, "config") and hasattr(m, "attention_head_size")
+        and isinstance(getattr(m, "key", None), torch.nn.Linear)
+    ]  # fmt: skip
 
 
 def _geometry(config: Any) -> dict[str, int]:
@@ -80,14 +147,27 @@ class PrefixTuningModel(torch.nn.Module):
     def __init__(self, model: PreTrainedModel, config: PrefixConfig) -> None:
         super().__init__()
         name = type(model).__name__
-        if getattr(model.config, "is_encoder_decoder", False):
-            raise InputError(f"prefix: {name} is encoder-decoder; use PEFT's prefix tuning for it")
+        # encoder-decoder: the prefix goes through the attention interface (see the module docstring)
+        self.encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+        if self.encoder_decoder:
+            self._attention = tuple(_attention_modules(model))  # a tuple: not registered as submodules twice
+            if not self._attention:
+                raise InputError(f"prefix: {name}'s attention layers are not BERT-style; use PEFT's prefix tuning")
+            shapes = {(m.num_attention_heads, m.attention_head_size) for m in self._attention}
+            if len(shapes) > 1:
+                raise InputError(f"prefix: {name} mixes attention shapes {sorted(shapes)}")
+            (heads, head_dim), = shapes
+            self.geometry = {"num_layers": len(self._attention), "num_key_value_heads": heads, "head_dim": head_dim}
+            for slot, module in enumerate(self._attention):
+                setattr(module, _SLOT, slot)
+                module.config._attn_implementation = PREFIX_ATTENTION
         # Backbones without a cache argument (DistilBERT, DeBERTa-v2, ModernBERT) have nowhere to put the prefix.
-        if "cache" not in inspect.signature(model.base_model.forward).parameters:
+        elif "cache" not in inspect.signature(model.base_model.forward).parameters:
             raise InputError(f"prefix: {name} takes no key/value cache, so prefix tuning cannot work on it")
+        else:
+            self.geometry = _geometry(model.config)
         self.base_model = model
         self.prefix_config = config
-        self.geometry = _geometry(model.config)
         model.requires_grad_(False)
         self._saved_modules: dict[str, torch.nn.Module] = {}
         for target in config.modules_to_save:
@@ -152,15 +232,19 @@ class PrefixTuningModel(torch.nn.Module):
         share = 100 * trainable / total
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}")
 
-    def _cache(self, batch_size: int, dtype: torch.dtype) -> DynamicCache:
+    def _prefix_kv(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """(layers * 2, 1, kv_heads, P, head_dim), PEFT's layout: layer i's keys at 2i, its values at 2i + 1.
+        One prefix for the whole batch, expanded rather than recomputed per row."""
         g, p = self.geometry, self.prefix_config.num_virtual_tokens
         tokens = torch.arange(p, device=self.prefix_encoder.embedding.weight.device).unsqueeze(0)
-        # One prefix for the whole batch, expanded rather than recomputed per row; PEFT's layout, so
-        # (layers * 2, 1, kv_heads, P, head_dim) holds layer i's keys at 2i and its values at 2i + 1.
-        kv = self.prefix_encoder(tokens).to(dtype)
+        kv = self.prefix_encoder(tokens)
         kv = kv.view(1, p, g["num_layers"] * 2, g["num_key_value_heads"], g["head_dim"])
         kv = kv.permute(2, 0, 3, 1, 4)
-        kv = self.prefix_dropout(kv.expand(-1, batch_size, -1, -1, -1))
+        return kv if dtype is None else kv.to(dtype)
+
+    def _cache(self, batch_size: int, dtype: torch.dtype) -> DynamicCache:
+        g = self.geometry
+        kv = self.prefix_dropout(self._prefix_kv(dtype).expand(-1, batch_size, -1, -1, -1))
         cache = DynamicCache(config=self.base_model.config)
         for layer in range(g["num_layers"]):
             cache.update(kv[2 * layer], kv[2 * layer + 1], layer)
@@ -223,6 +307,16 @@ class PrefixTuningModel(torch.nn.Module):
         inputs_embeds: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> Any:
+        if self.encoder_decoder:
+            given = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids,
+                     "position_ids": position_ids, "labels": labels, "inputs_embeds": inputs_embeds}  # fmt: skip
+            hits: set[int] = set()
+            with self._prefix_active(hits):
+                outputs = self.base_model(**{k: v for k, v in given.items() if v is not None}, **kwargs)
+            # a model whose attention bypassed the interface would train a prefix that is never attended to
+            if "encoder_outputs" not in kwargs and len(hits) < self.geometry["num_layers"]:
+                raise InputError(f"prefix: {type(self.base_model).__name__} bypassed the prefix in some layers")
+            return outputs
         if self.training and getattr(self.base_model, "is_gradient_checkpointing", False):
             # Checkpointed layers are called with cache=None, which would silently drop the prefix.
             raise InputError("prefix tuning cannot be combined with gradient checkpointing")
@@ -237,6 +331,23 @@ class PrefixTuningModel(torch.nn.Module):
         if cache.get_seq_length(0) == prefix_len:
             raise InputError(f"prefix: {type(self.base_model).__name__} ignored the prefix key/value cache")
         return outputs
+
+    @contextlib.contextmanager
+    def _prefix_active(self, hits: set[int] | None = None) -> Iterator[None]:
+        # dropout here is drawn once for the batch (the prefix is expanded to the rows inside attention)
+        kv = self.prefix_dropout(self._prefix_kv())
+        token = _ACTIVE_PREFIX.set((kv, hits if hits is not None else set()))
+        try:
+            yield
+        finally:
+            _ACTIVE_PREFIX.reset(token)
+
+    def generate(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The base model's `generate`, every step attending to the prefix (encoder-decoder models)."""
+        if not self.encoder_decoder:
+            raise InputError(f"prefix: generation with {type(self.base_model).__name__} is not supported")
+        with self._prefix_active():
+            return self.base_model.generate(*args, **kwargs)
 
     def _trainable_state(self) -> dict[str, torch.Tensor]:
         state = {f"prefix_encoder.{k}": v for k, v in self.prefix_encoder.state_dict().items()}
