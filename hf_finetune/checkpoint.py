@@ -26,7 +26,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from hf_finetune.errors import InputError
 from hf_finetune.hub import resolve_model
-from hf_finetune.methods.prefix import PREFIX_CONFIG_NAME, PREFIX_WEIGHTS_NAME, PrefixTuningModel
+from hf_finetune.methods.prefix import EncoderPromptModel, PrefixTuningModel, SoftPromptWrapper
 from hf_finetune.recipe import Recipe, recipe_from_dict
 from hf_finetune.tasks import Task, get_task
 
@@ -250,8 +250,8 @@ def verify_saved(model: torch.nn.Module, folder: Path, compare: bool = True) -> 
     DDP/FSDP model) must fail the run now, loudly, not at the next load."""
     if isinstance(model, PeftModel):
         weights, expected = folder / SAFE_ADAPTER_NAME, get_peft_model_state_dict(model)
-    elif isinstance(model, PrefixTuningModel):
-        weights, expected = folder / PREFIX_WEIGHTS_NAME, model._trainable_state()
+    elif isinstance(model, SoftPromptWrapper):
+        weights, expected = folder / model.WEIGHTS_NAME, model._trainable_state()
     else:
         weights, expected = folder / "model.safetensors", None
         if not weights.exists() and (folder / "model.safetensors.index.json").exists():
@@ -299,9 +299,9 @@ def load_final(path: str | Path, recipe: Recipe | None = None) -> tuple[Task, to
             )
         base = task.load_model(resolve_model(info["base_model"], recipe.model.revision))
         model = PeftModel.from_pretrained(base, folder)
-    elif (folder / PREFIX_CONFIG_NAME).exists():
+    elif wrapper := next((w for w in (PrefixTuningModel, EncoderPromptModel) if (folder / w.CONFIG_NAME).exists()), None):
         base = task.load_model(resolve_model(info["base_model"], recipe.model.revision))
-        model = PrefixTuningModel.from_pretrained(base, folder)
+        model = wrapper.from_pretrained(base, folder)
     else:
         model = task.load_model(str(folder))
     return task, model.eval(), tokenizer, info

@@ -28,7 +28,14 @@ from peft.utils.constants import (
 
 from hf_finetune.errors import InputError
 from hf_finetune.methods.defaults import ALL_LINEAR, METHOD_DEFAULTS
-from hf_finetune.methods.prefix import PrefixConfig, PrefixTuningModel, supports_native_prefix
+from hf_finetune.methods.prefix import (
+    EncoderPromptModel,
+    PrefixConfig,
+    PrefixTuningModel,
+    PromptConfig,
+    SoftPromptWrapper,
+    supports_native_prefix,
+)
 from hf_finetune.recipe import MethodConfig
 
 StepHook = Callable[[torch.nn.Module, int], None]
@@ -131,6 +138,9 @@ def apply_method(
             prefix_dropout=method.dropout or 0.0,
         )
         return PrefixTuningModel(model, config), None
+    if method.name == "prompt" and model.config.model_type == "encoder-decoder":
+        # PEFT 0.21 refuses prompt tuning on a BERT2BERT EncoderDecoderModel as it does prefix tuning
+        return EncoderPromptModel(model, PromptConfig(method.num_virtual_tokens, modules_to_save=heads)), None
     peft_config = build_peft_config(method, task_type, total_steps, heads)
     if peft_config is None:
         return model, None
@@ -202,4 +212,4 @@ class AdaLoraStep:
 
 
 def is_peft(model: torch.nn.Module) -> bool:
-    return isinstance(model, PeftModel | PrefixTuningModel)
+    return isinstance(model, PeftModel | SoftPromptWrapper)

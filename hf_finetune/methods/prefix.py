@@ -1,4 +1,5 @@
-"""Prefix tuning (Li & Liang 2021) for models PEFT's own prefix tuning refuses: encoders and task heads.
+"""Prefix tuning (Li & Liang 2021) for models PEFT's own prefix tuning refuses: encoders, task heads and BERT2BERT;
+and prompt tuning (Lester et al. 2021) for BERT2BERT.
 
 PEFT 0.21 raises "Model does not support past key values" for BERT-style encoders and every
 `*ForSequenceClassification` under transformers 5. Their attention layers still call `cache.update(k, v, layer)`
@@ -40,6 +41,8 @@ from hf_finetune.errors import InputError
 
 PREFIX_CONFIG_NAME = "prefix_config.json"
 PREFIX_WEIGHTS_NAME = "prefix_model.safetensors"
+PROMPT_CONFIG_NAME = "prompt_config.json"
+PROMPT_WEIGHTS_NAME = "prompt_model.safetensors"
 
 
 @dataclass
@@ -56,6 +59,16 @@ class PrefixConfig:
             raise InputError("prefix: num_virtual_tokens and encoder_hidden_size must be >= 1")
         if not 0.0 <= self.prefix_dropout < 1.0:
             raise InputError(f"prefix: prefix_dropout must be in [0, 1), got {self.prefix_dropout}")
+
+
+@dataclass
+class PromptConfig:
+    num_virtual_tokens: int = 20
+    modules_to_save: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.num_virtual_tokens < 1:
+            raise InputError("prompt: num_virtual_tokens must be >= 1")
 
 
 def _class_names(mapping: Any) -> set[str]:
@@ -143,7 +156,106 @@ def _geometry(config: Any) -> dict[str, int]:
     return {"num_layers": layers, "num_key_value_heads": kv_heads, "head_dim": head_dim}
 
 
-class PrefixTuningModel(torch.nn.Module):
+class SoftPromptWrapper(torch.nn.Module):
+    """What our prompt-learning wrappers share with PEFT's `PeftModel`: a frozen base model, extra modules trained in
+    full (`modules_to_save`: a fresh head), attribute passthrough to the base model, and saving/loading only the
+    trainable tensors (safetensors) with a config that refuses a base model of another shape."""
+
+    CONFIG_NAME: str
+    WEIGHTS_NAME: str
+    CONFIG_CLASS: type
+    TRAINABLE: str  # the submodule holding the learned prompt/prefix
+    method: str
+
+    def _freeze(self, model: PreTrainedModel, config: Any) -> None:
+        self.base_model = model
+        self.prefix_config = config
+        model.requires_grad_(False)
+        self._saved_modules: dict[str, torch.nn.Module] = {}
+        for target in config.modules_to_save:
+            hits = {n: m for n, m in model.named_modules() if n == target or n.endswith("." + target)}
+            if not hits:
+                raise InputError(
+                    f"{self.method}: modules_to_save entry {target!r} matches no module of {type(model).__name__}"
+                )
+            self._saved_modules.update(hits)
+        # A module inside another saved one is covered by it; saving both would store shared tensors twice.
+        saved = self._saved_modules
+        self._saved_modules = {
+            n: m for n, m in saved.items() if not any(n.startswith(f"{o}.") for o in saved)
+        }
+        for module in self._saved_modules.values():
+            module.requires_grad_(True)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":  # not set yet: avoid infinite recursion during __init__
+                raise
+            return getattr(self.base_model, name)
+
+    @property
+    def config(self) -> Any:
+        return self.base_model.config
+
+    def get_base_model(self) -> PreTrainedModel:
+        return self.base_model
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        params = list(self.parameters())
+        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        share = 100 * trainable / total
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}")
+
+    def _trainable_state(self) -> dict[str, torch.Tensor]:
+        learned = getattr(self, self.TRAINABLE)
+        state = {f"{self.TRAINABLE}.{k}": v for k, v in learned.state_dict().items()}
+        for name, module in self._saved_modules.items():
+            state.update(module.state_dict(prefix=f"modules_to_save.{name}."))
+        return state
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        out = Path(save_directory)
+        out.mkdir(parents=True, exist_ok=True)
+        meta = {**asdict(self.prefix_config), "base_model_name_or_path": self.base_model.name_or_path}
+        meta.update(self.geometry)  # lets from_pretrained refuse a base model of another shape
+        (out / self.CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self._trainable_state().items()}
+        save_file(tensors, str(out / self.WEIGHTS_NAME), metadata={"format": "pt"})
+
+    @classmethod
+    def from_pretrained(cls, model: PreTrainedModel, path: str | os.PathLike) -> SoftPromptWrapper:
+        config_file, weights_file = Path(path) / cls.CONFIG_NAME, Path(path) / cls.WEIGHTS_NAME
+        for f in (config_file, weights_file):
+            if not f.is_file():
+                raise InputError(f"{f}: not found; was {path} written by {cls.__name__}.save_pretrained?")
+        meta = json.loads(config_file.read_text())
+        config = cls.CONFIG_CLASS(**{f.name: meta[f.name] for f in fields(cls.CONFIG_CLASS) if f.name in meta})
+        wrapped = cls(model, config)
+        mismatched = {k: (meta[k], v) for k, v in wrapped.geometry.items() if k in meta and meta[k] != v}
+        if mismatched:
+            raise InputError(f"{config_file}: saved for another model geometry (saved, given): {mismatched}")
+        loaded, expected = load_file(str(weights_file)), wrapped._trainable_state()
+        missing, unexpected = sorted(expected.keys() - loaded.keys()), sorted(loaded.keys() - expected.keys())
+        reshaped = sorted(k for k, v in loaded.items() if k in expected and v.shape != expected[k].shape)
+        if missing or unexpected or reshaped:
+            raise InputError(
+                f"{weights_file}: missing keys {missing}, unexpected keys {unexpected}, wrong shapes {reshaped}"
+            )
+        with torch.no_grad():
+            for key, value in loaded.items():
+                expected[key].copy_(value)  # state_dict tensors share storage with the live parameters
+        return wrapped
+
+
+class PrefixTuningModel(SoftPromptWrapper):
+    CONFIG_NAME, WEIGHTS_NAME, TRAINABLE, method = PREFIX_CONFIG_NAME, PREFIX_WEIGHTS_NAME, "prefix_encoder", "prefix"
+    CONFIG_CLASS = PrefixConfig
+
     def __init__(self, model: PreTrainedModel, config: PrefixConfig) -> None:
         super().__init__()
         name = type(model).__name__
@@ -166,22 +278,7 @@ class PrefixTuningModel(torch.nn.Module):
             raise InputError(f"prefix: {name} takes no key/value cache, so prefix tuning cannot work on it")
         else:
             self.geometry = _geometry(model.config)
-        self.base_model = model
-        self.prefix_config = config
-        model.requires_grad_(False)
-        self._saved_modules: dict[str, torch.nn.Module] = {}
-        for target in config.modules_to_save:
-            hits = {n: m for n, m in model.named_modules() if n == target or n.endswith("." + target)}
-            if not hits:
-                raise InputError(f"prefix: modules_to_save entry {target!r} matches no module of {name}")
-            self._saved_modules.update(hits)
-        # A module inside another saved one is covered by it; saving both would store shared tensors twice.
-        saved = self._saved_modules
-        self._saved_modules = {
-            n: m for n, m in saved.items() if not any(n.startswith(f"{o}.") for o in saved)
-        }
-        for module in self._saved_modules.values():
-            module.requires_grad_(True)
+        self._freeze(model, config)
         g = self.geometry
         # PEFT's PrefixEncoder is exactly the embedding(+MLP) we need: (B, P) -> (B, P, layers * 2 * kv_dim).
         self.prefix_encoder = PrefixEncoder(
@@ -207,30 +304,6 @@ class PrefixTuningModel(torch.nn.Module):
             if hasattr(m, "create_position_ids_from_input_ids") and hasattr(m, "padding_idx")
         )[:1]
         self.train(model.training)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_model":  # not set yet: avoid infinite recursion during __init__
-                raise
-            return getattr(self.base_model, name)
-
-    @property
-    def config(self) -> Any:
-        return self.base_model.config
-
-    def get_base_model(self) -> PreTrainedModel:
-        return self.base_model
-
-    def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        params = list(self.parameters())
-        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
-
-    def print_trainable_parameters(self) -> None:
-        trainable, total = self.get_nb_trainable_parameters()
-        share = 100 * trainable / total
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}")
 
     def _prefix_kv(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """(layers * 2, 1, kv_heads, P, head_dim), PEFT's layout: layer i's keys at 2i, its values at 2i + 1.
@@ -349,44 +422,69 @@ class PrefixTuningModel(torch.nn.Module):
         with self._prefix_active():
             return self.base_model.generate(*args, **kwargs)
 
-    def _trainable_state(self) -> dict[str, torch.Tensor]:
-        state = {f"prefix_encoder.{k}": v for k, v in self.prefix_encoder.state_dict().items()}
-        for name, module in self._saved_modules.items():
-            state.update(module.state_dict(prefix=f"modules_to_save.{name}."))
-        return state
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        out = Path(save_directory)
-        out.mkdir(parents=True, exist_ok=True)
-        meta = {**asdict(self.prefix_config), "base_model_name_or_path": self.base_model.name_or_path}
-        meta.update(self.geometry)  # lets from_pretrained refuse a base model of another shape
-        (out / PREFIX_CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self._trainable_state().items()}
-        save_file(tensors, str(out / PREFIX_WEIGHTS_NAME), metadata={"format": "pt"})
+class EncoderPromptModel(SoftPromptWrapper):
+    """Prompt tuning (Lester et al. 2021) for a BERT2BERT `EncoderDecoderModel`, which PEFT 0.21 refuses: P learned
+    embeddings in front of every source, seen by the encoder (and so by cross-attention) like real tokens, as PEFT
+    does for T5 and BART. They start from the embeddings of P vocabulary tokens drawn at random, the paper's
+    "sampled vocab" initialisation, which trains better than random vectors."""
 
-    @classmethod
-    def from_pretrained(cls, model: PreTrainedModel, path: str | os.PathLike) -> PrefixTuningModel:
-        config_file, weights_file = Path(path) / PREFIX_CONFIG_NAME, Path(path) / PREFIX_WEIGHTS_NAME
-        for f in (config_file, weights_file):
-            if not f.is_file():
-                raise InputError(f"{f}: not found; was {path} written by PrefixTuningModel.save_pretrained?")
-        meta = json.loads(config_file.read_text())
-        config = PrefixConfig(**{f.name: meta[f.name] for f in fields(PrefixConfig) if f.name in meta})
-        wrapped = cls(model, config)
-        mismatched = {k: (meta[k], v) for k, v in wrapped.geometry.items() if k in meta and meta[k] != v}
-        if mismatched:
-            raise InputError(f"{config_file}: saved for another model geometry (saved, given): {mismatched}")
-        loaded, expected = load_file(str(weights_file)), wrapped._trainable_state()
-        missing, unexpected = sorted(expected.keys() - loaded.keys()), sorted(loaded.keys() - expected.keys())
-        reshaped = sorted(k for k, v in loaded.items() if k in expected and v.shape != expected[k].shape)
-        if missing or unexpected or reshaped:
-            raise InputError(
-                f"{weights_file}: missing keys {missing}, unexpected keys {unexpected}, wrong shapes {reshaped}"
-            )
+    CONFIG_NAME, WEIGHTS_NAME, TRAINABLE, method = PROMPT_CONFIG_NAME, PROMPT_WEIGHTS_NAME, "prompt_embeddings", "prompt"
+    CONFIG_CLASS = PromptConfig
+
+    def __init__(self, model: PreTrainedModel, config: PromptConfig) -> None:
+        super().__init__()
+        if not getattr(model.config, "is_encoder_decoder", False):
+            raise InputError(f"prompt: {type(model).__name__} is not encoder-decoder; use PEFT's prompt tuning")
+        embeddings = model.get_input_embeddings()
+        self.geometry = {"hidden_size": embeddings.embedding_dim}
+        self._freeze(model, config)
+        rows = torch.randint(0, embeddings.num_embeddings, (config.num_virtual_tokens,))
+        self.prompt_embeddings = torch.nn.Embedding(config.num_virtual_tokens, embeddings.embedding_dim)
         with torch.no_grad():
-            for key, value in loaded.items():
-                expected[key].copy_(value)  # state_dict tensors share storage with the live parameters
-        return wrapped
+            self.prompt_embeddings.weight.copy_(embeddings.weight[rows.to(embeddings.weight.device)])
+        self.prompt_embeddings.to(embeddings.weight.device)
+        self.train(model.training)
+
+    def _with_prompt(
+        self,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        inputs_embeds: torch.Tensor | None,
+    ) -> dict[str, torch.Tensor]:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.base_model.get_input_embeddings()(input_ids)
+        rows, length = inputs_embeds.shape[:2]
+        prompt = self.prompt_embeddings.weight.to(inputs_embeds.dtype).unsqueeze(0).expand(rows, -1, -1)
+        if attention_mask is None:
+            attention_mask = torch.ones(rows, length, dtype=torch.long, device=inputs_embeds.device)
+        visible = attention_mask.new_ones(rows, prompt.shape[1])
+        return {
+            "inputs_embeds": torch.cat([prompt, inputs_embeds], dim=1),
+            "attention_mask": torch.cat([visible, attention_mask], dim=1),
+        }
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        if kwargs.get("encoder_outputs") is not None:  # the encoder already ran with the prompt
+            return self.base_model(attention_mask=attention_mask, **kwargs)
+        return self.base_model(**self._with_prompt(input_ids, attention_mask, inputs_embeds), **kwargs)
+
+    def generate(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        return self.base_model.generate(**self._with_prompt(input_ids, attention_mask, inputs_embeds), **kwargs)
 
 
 @contextlib.contextmanager
