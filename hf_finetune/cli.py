@@ -1,4 +1,4 @@
-"""`hf-finetune train | eval | predict | compare | merge | generate | make-tiny`: argument parsing only; the work lives in the modules it calls."""
+"""`hf-finetune train | eval | predict | compare | merge | average | generate | make-tiny`: argument parsing only; the work lives in the modules it calls."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ examples:
   hf-finetune eval recipes/classification/sst2.yaml checkpoint=runs/sst2
   hf-finetune predict recipes/classification/sst2.yaml checkpoint=runs/sst2 --input in.jsonl --output out.jsonl
   hf-finetune merge runs/sst2 --output runs/sst2-merged
+  hf-finetune average runs/multi30k --last 5 --output runs/multi30k-avg5
   hf-finetune compare recipes/classification/sst2.yaml --methods full,lora,adalora,prefix --seeds 1,2,3 \
       data.train.max_samples=4000 output_dir=runs/sst2-compare
   hf-finetune train recipes/question_answering/squad.yaml method.name=full output_dir=runs/squad
@@ -112,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     merge = sub.add_parser("merge", help="fold a LoRA-family adapter into a plain HF model folder")
     merge.add_argument("checkpoint", help="a run's output_dir or its model/ folder")
     merge.add_argument("--output", required=True)
+
+    average = sub.add_parser(
+        "average", help="average a full fine-tuning run's final weights with its newest checkpoints"
+    )
+    average.add_argument("checkpoint", help="a run's output_dir (its checkpoints/ are averaged with model/)")
+    average.add_argument("--last", type=int, default=5, help="how many saved weights, the final model included")
+    average.add_argument("--output", required=True)
     return parser
 
 
@@ -222,6 +230,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_average(args: argparse.Namespace) -> int:
+    from hf_finetune.averaging import average_run
+
+    done = average_run(args.checkpoint, args.last, Path(args.output))
+    print(f"averaged {len(done['averaged_from'])} weights into {done['output']}:", *done["averaged_from"], sep="\n  ")
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from hf_finetune.checkpoint import load_causal_lm
     from hf_finetune.tasks.language_modeling import generate
@@ -293,6 +309,7 @@ COMMANDS = {
     "predict": cmd_predict,
     "compare": cmd_compare,
     "merge": cmd_merge,
+    "average": cmd_average,
     "generate": cmd_generate,
     "make-tiny": cmd_make_tiny,
 }

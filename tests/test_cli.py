@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import sentences
 
@@ -119,3 +120,35 @@ def test_help_lists_tasks_and_methods_and_module_entry_point() -> None:
     )
     assert "tasks: classification" in done.stdout
     assert "full, lora, adalora, prefix, prompt, ia3, dora" in done.stdout
+
+
+def test_average_is_the_mean_of_the_last_saved_weights(
+    tiny_bert: Path, data_dir: Path, tmp_path: Path, capsys
+) -> None:
+    from conftest import tiny_recipe
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification
+
+    recipe = tmp_path / "recipe.yaml"
+    raw = tiny_recipe(tiny_bert, data_dir, tmp_path / "run", **{"method.name": "full", "training.max_steps": 6,
+                                                          "training.save_every": 2})  # fmt: skip
+    recipe.write_text(yaml.safe_dump(raw))
+    assert main(["train", str(recipe)]) == 0
+    run = tmp_path / "run"
+    # the final weights (step 6, also checkpoint step 6) and checkpoints 4 and 2
+    assert main(["average", str(run), "--last", "3", "--output", str(tmp_path / "avg")]) == 0
+    name = "bert.encoder.layer.0.attention.self.query.weight"
+    saved = [load_file(run / "model" / "model.safetensors")[name]] + [
+        load_file(run / "checkpoints" / f"step_{s:08d}" / "model.safetensors")[name] for s in (4, 2)
+    ]
+    assert not torch.equal(saved[1], saved[2])  # the weights did move between checkpoints
+    averaged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "avg").state_dict()[name]
+    torch.testing.assert_close(averaged, sum(saved) / 3, rtol=0, atol=1e-7)
+    info = json.loads((tmp_path / "avg" / "hf_finetune.json").read_text())
+    assert len(info["averaged_from"]) == 3
+    assert main(["eval", str(recipe), f"checkpoint={tmp_path / 'avg'}"]) == 0
+    # refusals leave the existing output alone
+    assert main(["average", str(run), "--last", "4", "--output", str(tmp_path / "avg4")]) == 2
+    assert "fewer than 4" in capsys.readouterr().err and not (tmp_path / "avg4").exists()
+    assert main(["average", str(run), "--last", "2", "--output", str(tmp_path / "avg")]) == 2
+    assert "already exists" in capsys.readouterr().err

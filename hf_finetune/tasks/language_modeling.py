@@ -32,6 +32,7 @@ from hf_finetune.errors import InputError
 from hf_finetune.methods.prefix import peft_generation_cache
 from hf_finetune.metrics import load_metric
 from hf_finetune.recipe import Recipe
+from hf_finetune.tasks.padding import right_pad
 
 DEFAULT_BLOCK_SIZE = 256
 
@@ -278,15 +279,9 @@ class LMCollator:
         self.masker = masker
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        width = -(-max(len(r["input_ids"]) for r in rows) // 8) * 8  # multiples of 8: fewer distinct shapes
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        labels = torch.full((len(rows), width), -100, dtype=torch.long)
-        for i, r in enumerate(rows):
-            n = len(r["input_ids"])
-            ids[i, :n] = torch.tensor(r["input_ids"])
-            mask[i, :n] = 1
-            labels[i, :n] = torch.tensor(r["labels"] if "labels" in r else r["input_ids"])
+        ids = right_pad([r["input_ids"] for r in rows], self.pad_id)
+        mask = right_pad([[1] * len(r["input_ids"]) for r in rows], 0)
+        labels = right_pad([r["labels"] if "labels" in r else r["input_ids"] for r in rows], -100)
         if self.masker is not None and "labels" not in rows[0]:
             ids, labels = self.mask(rows, ids, mask)
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}

@@ -37,6 +37,7 @@ from hf_finetune.methods.prefix import peft_generation_cache
 from hf_finetune.metrics import load_metric
 from hf_finetune.recipe import Recipe
 from hf_finetune.tasks.language_modeling import token_losses
+from hf_finetune.tasks.padding import right_pad
 
 EXTRA_KEYS = ("example_index", "prompt_length")
 """Evaluation-only features the collator passes through and `evaluate` pops before the model sees the batch."""
@@ -433,11 +434,7 @@ class Seq2SeqCollator:
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         def pad(key: str, value: int) -> torch.Tensor:
-            width = -(-max(len(r[key]) for r in rows) // 8) * 8
-            out = torch.full((len(rows), width), value, dtype=torch.long)
-            for i, r in enumerate(rows):
-                out[i, : len(r[key])] = torch.tensor(r[key], dtype=torch.long)
-            return out
+            return right_pad([r[key] for r in rows], value)
 
         batch = {"input_ids": pad("input_ids", self.pad_id), "attention_mask": pad("attention_mask", 0)}
         if "labels" in rows[0]:
