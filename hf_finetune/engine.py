@@ -277,7 +277,7 @@ def build_from_scratch(
 ) -> str:
     """`output_dir/init/`: the random-init model and the tokenizer trained on the training split, written once by the
     main process. A resumed run reuses it: a retrained tokenizer could number the vocabulary differently."""
-    from hf_finetune.scratch import Dims, write_scratch_model
+    from hf_finetune.scratch import write_scratch_model
 
     scratch = recipe.model.from_scratch
     corpus = getattr(task, "tokenizer_corpus", None)
@@ -287,11 +287,10 @@ def build_from_scratch(
         )
     folder = out / "init"
     if accelerator.is_main_process and not (resuming and (folder / "config.json").is_file()):
-        dims = Dims(**{k: getattr(scratch, k) for k in Dims.__dataclass_fields__})
         tmp = out / ".init.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         texts = corpus(raw) if scratch.tokenizer is None else ()
-        write_scratch_model(tmp, scratch.architecture, texts, dims, recipe.training.seed, scratch.tokenizer)
+        write_scratch_model(tmp, scratch.architecture, texts, scratch, recipe.training.seed, scratch.tokenizer)
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
     accelerator.wait_for_everyone()

@@ -29,19 +29,25 @@ Scheduler = Literal[
 
 
 @dataclass
-class FromScratchConfig:
-    """A random-init model of this shape with a tokenizer trained on the training split (see `hf_finetune/scratch.py`)."""
+class Dims:
+    """A model's shape, for `model.from_scratch` and `hf-finetune make-tiny` (see `hf_finetune/scratch.py`)."""
 
-    architecture: Literal["gpt2", "llama", "bert", "roberta", "t5", "bart", "marian"] = "gpt2"
     layers: int = 4
     d_model: int = 256
     heads: int = 4
     ffn: int | None = None
-    """Feed-forward width (default 4 x d_model)."""
+    """Feed-forward width (default 4 x d_model, as in BERT, GPT-2 and the original Transformer)."""
     max_positions: int = 512
     vocab_size: int = 8192
     """Tokenizer vocabulary to train: byte-level BPE (GPT-2, Llama, RoBERTa, BART), WordPiece (BERT), unigram (T5)."""
     dropout: float = 0.1
+
+
+@dataclass
+class FromScratchConfig(Dims):
+    """A random-init model of this shape with a tokenizer trained on the training split (see `hf_finetune/scratch.py`)."""
+
+    architecture: Literal["gpt2", "llama", "bert", "roberta", "t5", "bart", "marian"] = "gpt2"
     tokenizer: str | None = None
     """Reuse this tokenizer (a folder or Hub id) instead of training one."""
     tokenizer_samples: int | None = None

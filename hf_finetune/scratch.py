@@ -9,7 +9,6 @@ come to exist here.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,24 +32,12 @@ from transformers import (
 )
 
 from hf_finetune.errors import InputError
+from hf_finetune.recipe import Dims
 
 ARCHITECTURES = ("gpt2", "llama", "bert", "roberta", "t5", "bart", "marian")
 CAUSAL = ("gpt2", "llama")
 MASKED = ("bert", "roberta")
 SEQ2SEQ = ("t5", "bart", "marian")
-
-
-@dataclass
-class Dims:
-    """Model shape; `ffn` defaults to 4 x d_model, as in BERT, GPT-2 and the original Transformer."""
-
-    layers: int = 4
-    d_model: int = 256
-    heads: int = 4
-    ffn: int | None = None
-    max_positions: int = 512
-    vocab_size: int = 8192
-    dropout: float = 0.1
 
 
 def train_tokenizer(
