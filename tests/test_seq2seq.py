@@ -307,3 +307,15 @@ def test_seq2seq_bad_inputs(tiny_models: dict[str, Path], mt_data: Path, tmp_pat
     assert "data.train row 1: column 'de'" in run(rows=[pairs(1, 0)[0], {"en": "the cat", "de": ""}])
     assert "training.label_smoothing" in run(**{"training.label_smoothing": 1.5})
     assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_marian_positions_stay_fixed_so_a_reload_scores_the_same(mt_data: Path, tmp_path: Path) -> None:
+    """transformers 5 leaves Marian's sinusoidal positions trainable but never saves them (see freeze_unsaved)."""
+    from hf_finetune.evaluation import evaluate_checkpoint
+
+    marian = write_scratch_model(tmp_path / "marian", "marian", corpus(), DIMS)
+    raw = mt_recipe(marian, mt_data, tmp_path / "run", **{"training.max_steps": 30, "training.lr": 5e-3})
+    results = train(recipe_from_dict(raw))
+    again = evaluate_checkpoint(recipe_from_dict(raw), str(tmp_path / "run"))["metrics"]
+    assert again["eval_loss"] == pytest.approx(results["metrics"]["eval_loss"], rel=1e-6)
+    assert again["chrf"] == pytest.approx(results["metrics"]["chrf"], abs=1e-9)
