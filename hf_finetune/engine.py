@@ -399,11 +399,23 @@ def check_model(model_path: str, recipe: Recipe) -> None:
     max_length = recipe.training.max_length or TASKS[recipe.task].default_max_length
     if recipe.task in ("causal_lm", "masked_lm"):
         max_length = recipe.lm.block_size or max_length
-    if max_length > limit:
-        key = "lm.block_size" if recipe.task.endswith("_lm") and recipe.lm.block_size else "training.max_length"
+    key = "lm.block_size" if recipe.task.endswith("_lm") and recipe.lm.block_size else "training.max_length"
+    # what else takes positions in the same sequence: a decoder-only model's target, and virtual tokens that come
+    # before the text (prompt tuning everywhere; PEFT's prefix on generative decoders counts positions after it;
+    # ours, for classification and QA, restarts them at 0)
+    extra: dict[str, int] = {}
+    decoder_only = not getattr(config, "is_encoder_decoder", False) and not recipe.model.encoder_decoder_from
+    if recipe.task in ("translation", "summarization") and decoder_only:
+        extra["seq2seq.max_target_length"] = recipe.seq2seq.max_target_length
+    method = recipe.method.name
+    generative = recipe.task not in ("classification", "question_answering")
+    if method == "prompt" or (method == "prefix" and decoder_only and generative):
+        extra[f"{method} virtual tokens"] = resolve_method(recipe.method, total_steps=1).num_virtual_tokens
+    if max_length + sum(extra.values()) > limit:
+        parts = "".join(f" + {v} ({k})" for k, v in extra.items())
         raise InputError(
-            f"{key}: {max_length} is longer than {recipe.model.name_or_path} can take "
-            f"({limit} positions); set {key}<={limit}"
+            f"{key}: {max_length}{parts} is longer than {recipe.model.name_or_path} can take "
+            f"({limit} positions); set {key}<={limit - sum(extra.values())}"
         )
 
 

@@ -291,13 +291,13 @@ def test_label_smoothing_is_the_smoothed_cross_entropy(
 
 
 def test_seq2seq_bad_inputs(tiny_models: dict[str, Path], mt_data: Path, tmp_path: Path, capsys) -> None:
-    def run(rows: list[dict] | None = None, **extra: object) -> str:
+    def run(rows: list[dict] | None = None, model: str = "t5", **extra: object) -> str:
         data = tmp_path / "bad"
         data.mkdir(exist_ok=True)
         write_jsonl(data / "train.jsonl", rows or pairs(16, 1))
         write_jsonl(data / "validation.jsonl", pairs(4, 2))
         path = tmp_path / "recipe.yaml"
-        path.write_text(json.dumps(mt_recipe(tiny_models["t5"], data, tmp_path / "out", **extra)))
+        path.write_text(json.dumps(mt_recipe(tiny_models[model], data, tmp_path / "out", **extra)))
         assert main(["train", str(path)]) == 2
         err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("hf-finetune:")]
         assert len(err) == 1, err
@@ -306,6 +306,12 @@ def test_seq2seq_bad_inputs(tiny_models: dict[str, Path], mt_data: Path, tmp_pat
     assert "data.columns.source='english'" in run(**{"data.columns.source": "english"})
     assert "data.train row 1: column 'de'" in run(rows=[pairs(1, 0)[0], {"en": "the cat", "de": ""}])
     assert "training.label_smoothing" in run(**{"training.label_smoothing": 1.5})
+    # a decoder-only model holds source, target and PEFT's virtual tokens in one 128-position sequence
+    long = {"training.max_length": 64, "seq2seq.max_target_length": 50, "method.name": "prefix"}
+    assert "training.max_length: 64 + 50 (seq2seq.max_target_length) + 20 (prefix virtual tokens)" in run(
+        model="gpt2", **long
+    )
+    assert "set training.max_length<=58" in run(model="gpt2", **long)
     assert not (tmp_path / "out" / "results.json").exists()
 
 
