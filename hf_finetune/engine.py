@@ -411,6 +411,9 @@ def check_model(model_path: str, recipe: Recipe) -> None:
     generative = recipe.task not in ("classification", "question_answering")
     if method == "prompt" or (method == "prefix" and decoder_only and generative):
         extra[f"{method} virtual tokens"] = resolve_method(recipe.method, total_steps=1).num_virtual_tokens
+    text = max_length + extra.get("seq2seq.max_target_length", 0)
+    if extra and -(-text // 8) * 8 > text:  # the collators pad to multiples of 8, and pads take positions too
+        extra["padding to a multiple of 8"] = -(-text // 8) * 8 - text
     if max_length + sum(extra.values()) > limit:
         parts = "".join(f" + {v} ({k})" for k, v in extra.items())
         raise InputError(

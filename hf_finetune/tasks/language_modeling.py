@@ -31,8 +31,8 @@ from hf_finetune.data import require_columns, resolve_path
 from hf_finetune.errors import InputError
 from hf_finetune.methods.prefix import peft_generation_cache
 from hf_finetune.metrics import load_metric
+from hf_finetune.padding import right_pad
 from hf_finetune.recipe import Recipe
-from hf_finetune.tasks.padding import right_pad
 
 DEFAULT_BLOCK_SIZE = 256
 

@@ -35,9 +35,9 @@ from hf_finetune.data import require_columns
 from hf_finetune.errors import InputError
 from hf_finetune.methods.prefix import peft_generation_cache
 from hf_finetune.metrics import load_metric
+from hf_finetune.padding import right_pad
 from hf_finetune.recipe import Recipe
 from hf_finetune.tasks.language_modeling import token_losses
-from hf_finetune.tasks.padding import right_pad
 
 EXTRA_KEYS = ("example_index", "prompt_length")
 """Evaluation-only features the collator passes through and `evaluate` pops before the model sees the batch."""
