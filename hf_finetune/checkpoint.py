@@ -26,7 +26,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from hf_finetune.errors import InputError
 from hf_finetune.hub import resolve_model
-from hf_finetune.methods.prefix import EncoderPromptModel, PrefixTuningModel, SoftPromptWrapper
+from hf_finetune.methods.prefix import SoftPromptWrapper, saved_wrapper
 from hf_finetune.recipe import Recipe, recipe_from_dict
 from hf_finetune.tasks import Task, get_task
 
@@ -299,7 +299,7 @@ def load_final(path: str | Path, recipe: Recipe | None = None) -> tuple[Task, to
             )
         base = task.load_model(resolve_model(info["base_model"], recipe.model.revision))
         model = PeftModel.from_pretrained(base, folder)
-    elif wrapper := next((w for w in (PrefixTuningModel, EncoderPromptModel) if (folder / w.CONFIG_NAME).exists()), None):
+    elif wrapper := saved_wrapper(folder):
         base = task.load_model(resolve_model(info["base_model"], recipe.model.revision))
         model = wrapper.from_pretrained(base, folder)
     else:

@@ -22,7 +22,8 @@ from hf_finetune import checkpoint
 from hf_finetune.data import load_splits
 from hf_finetune.errors import InputError
 from hf_finetune.hub import resolve_model
-from hf_finetune.methods import apply_method, build_optimizer, default_lr, resolve_method
+from hf_finetune.methods import apply_method, build_optimizer, default_lr, resolve_method, virtual_positions
+from hf_finetune.padding import MULTIPLE
 from hf_finetune.recipe import Recipe, TrainingConfig
 from hf_finetune.sampling import LengthGroupedSampler, eval_loader
 from hf_finetune.system import choose_precision, peak_memory_mb, versions
@@ -400,20 +401,19 @@ def check_model(model_path: str, recipe: Recipe) -> None:
     if recipe.task in ("causal_lm", "masked_lm"):
         max_length = recipe.lm.block_size or max_length
     key = "lm.block_size" if recipe.task.endswith("_lm") and recipe.lm.block_size else "training.max_length"
-    # what else takes positions in the same sequence: a decoder-only model's target, and virtual tokens that come
-    # before the text (prompt tuning everywhere; PEFT's prefix on generative decoders counts positions after it;
-    # ours, for classification and QA, restarts them at 0)
+    # what else takes positions in the same sequence: a decoder-only model's target, and virtual tokens before it
     extra: dict[str, int] = {}
     decoder_only = not getattr(config, "is_encoder_decoder", False) and not recipe.model.encoder_decoder_from
     if recipe.task in ("translation", "summarization") and decoder_only:
         extra["seq2seq.max_target_length"] = recipe.seq2seq.max_target_length
-    method = recipe.method.name
     generative = recipe.task not in ("classification", "question_answering")
-    if method == "prompt" or (method == "prefix" and decoder_only and generative):
-        extra[f"{method} virtual tokens"] = resolve_method(recipe.method, total_steps=1).num_virtual_tokens
+    virtual = virtual_positions(recipe.method, decoder_only, generative)
+    if virtual:
+        extra[f"{recipe.method.name} virtual tokens"] = virtual
     text = max_length + extra.get("seq2seq.max_target_length", 0)
-    if extra and -(-text // 8) * 8 > text:  # the collators pad to multiples of 8, and pads take positions too
-        extra["padding to a multiple of 8"] = -(-text // 8) * 8 - text
+    padded = -(-text // MULTIPLE) * MULTIPLE
+    if extra and padded > text:  # the LM and seq2seq collators round widths up, and pads take positions too
+        extra[f"padding to a multiple of {MULTIPLE}"] = padded - text
     if max_length + sum(extra.values()) > limit:
         parts = "".join(f" + {v} ({k})" for k, v in extra.items())
         raise InputError(

@@ -166,11 +166,21 @@ def freeze_unsaved(model: torch.nn.Module) -> list[str]:
     `from_pretrained` despite the module's `_freeze=True`), yet never saves them. Trained, they made the reloaded
     model differ from the evaluated one (Multi30k test BLEU 36.79 in the run, 36.49 after reloading)."""
     patterns = getattr(model, "_keys_to_ignore_on_save", None) or []
-    frozen = [n for n, p in model.named_parameters() if p.requires_grad and any(re.search(k, n) for k in patterns)]
+    frozen = []
     for name, param in model.named_parameters():
-        if name in frozen:
+        if param.requires_grad and any(re.search(k, name) for k in patterns):
             param.requires_grad_(False)
+            frozen.append(name)
     return frozen
+
+
+def virtual_positions(method: MethodConfig, decoder_only: bool, generative: bool) -> int:
+    """Positions the method's virtual tokens take before the text, as `apply_method` routes it: prompt tuning's soft
+    tokens always; PEFT's prefix on a generative decoder numbers the text after its cache; our own prefix (encoders,
+    classification and QA heads, BERT2BERT) keeps the text's positions from 0."""
+    if method.name == "prompt" or (method.name == "prefix" and decoder_only and generative):
+        return resolve_method(method, total_steps=1).num_virtual_tokens
+    return 0
 
 
 def build_optimizer(

@@ -487,6 +487,11 @@ class EncoderPromptModel(SoftPromptWrapper):
         return self.base_model.generate(**self._with_prompt(input_ids, attention_mask, inputs_embeds), **kwargs)
 
 
+def saved_wrapper(folder: Path) -> type[SoftPromptWrapper] | None:
+    """The wrapper class whose config file `folder` holds, if any."""
+    return next((w for w in (PrefixTuningModel, EncoderPromptModel) if (folder / w.CONFIG_NAME).exists()), None)
+
+
 @contextlib.contextmanager
 def peft_generation_cache(model: torch.nn.Module) -> Iterator[None]:
     """Let PEFT's prompt learning (prefix and prompt tuning) generate with the KV cache on under transformers 5.
