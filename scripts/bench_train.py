@@ -137,6 +137,7 @@ def apply_patches(patches: list[str]) -> None:
 
             ClassificationTask.collator = lambda self, tokenizer: DataCollatorWithPadding(tokenizer)  # type: ignore
         elif patch == "compile":
+
             def compiled(*args: Any, apply_method: Any = engine.apply_method, **kwargs: Any) -> Any:
                 model, hook = apply_method(*args, **kwargs)
                 return torch.compile(model, dynamic=True), hook
@@ -201,7 +202,8 @@ def run_peer(cfg: dict[str, Any]) -> dict[str, Any]:
             output_dir=out,
             use_cpu=True,
             per_device_train_batch_size=cfg["batch_size"],
-            per_device_eval_batch_size=2 * cfg["batch_size"],  # ours evaluates in batches twice the training batch
+            # ours evaluates in batches twice the training batch
+            per_device_eval_batch_size=2 * cfg["batch_size"],
             learning_rate=cfg["lr"],
             num_train_epochs=1,
             warmup_steps=int(cfg["warmup_ratio"] * steps),  # ours: int(warmup_ratio x steps) as well
@@ -215,7 +217,8 @@ def run_peer(cfg: dict[str, Any]) -> dict[str, Any]:
             report_to="none",
             label_names=["labels"],
             train_sampling_strategy="random" if run_glue else "group_by_length",
-            bf16=cfg.get("peer_precision", "fp32") == "bf16",  # autocast, as ours with training.precision=bf16/auto
+            # autocast, as ours with training.precision=bf16/auto
+            bf16=cfg.get("peer_precision", "fp32") == "bf16",
         )
         trainer = Trainer(
             model=model,
@@ -273,7 +276,9 @@ def model_flops_per_token(method: str) -> tuple[float, str]:
     frozen = sum(
         p.numel() for name, p in model.named_parameters() if ".encoder." in name and not p.requires_grad
     )
-    adapter = sum(p.numel() for name, p in model.named_parameters() if ".encoder." in name and p.requires_grad)
+    adapter = sum(
+        p.numel() for name, p in model.named_parameters() if ".encoder." in name and p.requires_grad
+    )
     return (
         4.0 * frozen + 6.0 * adapter,
         f"4 x N_frozen + 6 x N_adapter (frozen weights: forward 2N + input gradients 2N, no weight gradients), "
@@ -336,44 +341,76 @@ def table_row(label: str, run: dict[str, Any], flops: float, peak: float) -> str
     return f"| {label} | " + " | ".join(cells) + f" | {achieved / 1e9:.1f} | {100 * achieved / peak:.1f}% |"
 
 
-def labels(args: argparse.Namespace) -> tuple[str, str]:
+def labels(args: argparse.Namespace, peer: str) -> tuple[str, str]:
     label_a = "ours" + "".join(f" {x}" for x in args.set + args.patch)
     label_b = (
         "ours" + "".join(f" {x}" for x in args.peer_set + args.peer_patch)
-        if args.peer == "ours"
-        else args.peer + (" bf16" if args.peer_precision == "bf16" else "")
+        if peer == "ours"
+        else peer + (" bf16" if args.peer_precision == "bf16" else "")
     )
     return label_a, label_b
 
 
+def choices(allowed: tuple[str, ...]) -> Any:
+    """argparse type for a comma-separated list drawn from `allowed`."""
+
+    def parse(text: str) -> list[str]:
+        items = [x.strip() for x in text.split(",") if x.strip()]
+        bad = [x for x in items if x not in allowed]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: expected a comma-separated list of {', '.join(allowed)}"
+            )
+        return items
+
+    return parse
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--method", choices=("full", "lora"), default="full")
-    parser.add_argument("--peer", choices=("tuned", "run_glue", "ours"), default="tuned")
+    parser.add_argument("--method", type=choices(("full", "lora")), default=["full"],
+                        help="comma-separated: full,lora runs both (and reports LoRA's peak RSS against full's)")  # fmt: skip
+    parser.add_argument("--peer", type=choices(("tuned", "run_glue", "ours")), default=["tuned"],
+                        help="comma-separated: tuned,run_glue pairs ours with each")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--train-samples", type=int, default=4000)
+    parser.add_argument("--run-glue-train-samples", type=int, default=1000,
+                        help="training rows for pairs with --peer run_glue, whose pad-to-128 Trainer runs ~15x slower "
+                        "(both sides of such a pair train on them)")  # fmt: skip
+    parser.add_argument("--run-glue-repeats", type=int, default=1)
     parser.add_argument("--validation-samples", type=int, help="default: the whole split (872)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, help="default: the method's own default (full 1e-4, LoRA 1e-3)")
     parser.add_argument("--warmup-ratio", type=float, default=0.1)
     parser.add_argument("--weight-decay", type=float, default=0.01)
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--set", action="append", default=[], help="recipe override for ours, e.g. training.precision=auto")
-    parser.add_argument("--patch", action="append", default=[], choices=PATCHES, help="undo an engine choice in ours")
+    parser.add_argument(
+        "--set", action="append", default=[], help="recipe override for ours, e.g. training.precision=auto"
+    )
+    parser.add_argument(
+        "--patch", action="append", default=[], choices=PATCHES, help="undo an engine choice in ours"
+    )
     parser.add_argument("--peer-precision", choices=("fp32", "bf16"), default="fp32", help="the Trainer's")
-    parser.add_argument("--peer-set", action="append", default=[], help="with --peer ours: overrides for side B")
+    parser.add_argument(
+        "--peer-set", action="append", default=[], help="with --peer ours: overrides for side B"
+    )
     parser.add_argument("--peer-patch", action="append", default=[], choices=PATCHES, help="with --peer ours")
     parser.add_argument("--log-dir", default=None, help="children's stderr (default: a temporary folder)")
     parser.add_argument("--json", help="also write every run's figures here")
-    parser.add_argument("--report", help="print the table again from a --json file (the other options are ignored)")
+    parser.add_argument(
+        "--report", help="print the tables again from a --json file (the other options are ignored)"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.report:
         saved = json.loads(Path(args.report).read_text())
         args = parser.parse_args(saved["command"].split()[2:])
-        label_a, label_b = labels(args)
         print(f"$ {saved['command']}")
-        report(saved["runs"], label_a, label_b, args.method)
+        # files written before one invocation could hold several pairs carry a single pair's "runs"
+        pairs = saved.get("pairs") or [
+            {"method": args.method[0], "peer": args.peer[0], "runs": saved["runs"]}
+        ]
+        report_all(pairs, args)
         return
     if args.child:
         cfg = json.loads(args.child)
@@ -383,45 +420,87 @@ def main() -> None:
 
     from hf_finetune.methods import default_lr
 
-    lr = args.lr or default_lr(args.method)
-    common = {
-        "method": args.method, "train_samples": args.train_samples,
-        "validation_samples": args.validation_samples, "batch_size": args.batch_size, "lr": lr,
-        "warmup_ratio": args.warmup_ratio, "weight_decay": args.weight_decay, "seed": args.seed,
-    }  # fmt: skip
-    a = {**common, "side": "ours", "overrides": args.set, "patches": args.patch}
-    b = (
-        {**common, "side": "ours", "overrides": args.peer_set, "patches": args.peer_patch}
-        if args.peer == "ours"
-        else {**common, "side": "peer", "peer": args.peer, "peer_precision": args.peer_precision}
-    )
-    label_a, label_b = labels(args)
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="bench_train_"))
     log_dir.mkdir(parents=True, exist_ok=True)
     command = " ".join(["python scripts/bench_train.py", *sys.argv[1:]])
-    print(f"$ {command}\n# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; A = {label_a}, B = {label_b}; "
-          f"lr {lr}, batch {args.batch_size}, {args.train_samples} training rows, 1 epoch; logs in {log_dir}",
-          flush=True)  # fmt: skip
-    runs: dict[str, list[dict[str, Any]]] = {"A": [], "B": []}
+    print(f"$ {command}\n# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; batch {args.batch_size}, 1 epoch; "
+          f"logs in {log_dir}", flush=True)  # fmt: skip
+    pairs: list[dict[str, Any]] = []
     index = 0
-    for repeat in range(args.repeats):
-        order = ("A", "B") if repeat % 2 == 0 else ("B", "A")
-        for side in order:
-            index += 1
-            run = spawn(side, a if side == "A" else b, log_dir, index)
-            runs[side].append(run)
-            print(f"  run {index} {side}: {run['samples_per_s']:.1f} samples/s, acc {run['accuracy']:.4f}, "
-                  f"train {run['train_s']:.1f} s, rss {run['peak_rss_mb']:.0f} MB, load {run['load_1min']:.2f}", flush=True)  # fmt: skip
+    for method in args.method:
+        for peer in args.peer:
+            lr = args.lr or default_lr(method)
+            run_glue = peer == "run_glue"
+            rows = args.run_glue_train_samples if run_glue else args.train_samples
+            common = {
+                "method": method, "train_samples": rows, "validation_samples": args.validation_samples,
+                "batch_size": args.batch_size, "lr": lr, "warmup_ratio": args.warmup_ratio,
+                "weight_decay": args.weight_decay, "seed": args.seed,
+            }  # fmt: skip
+            a = {**common, "side": "ours", "overrides": args.set, "patches": args.patch}
+            b = (
+                {**common, "side": "ours", "overrides": args.peer_set, "patches": args.peer_patch}
+                if peer == "ours"
+                else {**common, "side": "peer", "peer": peer, "peer_precision": args.peer_precision}
+            )
+            label_a, label_b = labels(args, peer)
+            print(f"# {method}: A = {label_a}, B = {label_b}; lr {lr}, {rows} training rows", flush=True)
+            runs: dict[str, list[dict[str, Any]]] = {"A": [], "B": []}
+            for repeat in range(args.run_glue_repeats if run_glue else args.repeats):
+                order = ("A", "B") if repeat % 2 == 0 else ("B", "A")
+                for side in order:
+                    index += 1
+                    run = spawn(side, a if side == "A" else b, log_dir, index)
+                    runs[side].append(run)
+                    print(f"  run {index} {side}: {run['samples_per_s']:.1f} samples/s, acc {run['accuracy']:.4f}, "
+                          f"train {run['train_s']:.1f} s, rss {run['peak_rss_mb']:.0f} MB, load {run['load_1min']:.2f}", flush=True)  # fmt: skip
+            pairs.append({"method": method, "peer": peer, "train_samples": rows, "runs": runs})
+            if args.json:  # after every pair, so an interrupted invocation keeps what it measured
+                Path(args.json).write_text(json.dumps({"command": command, "pairs": pairs}, indent=1))
+    report_all(pairs, args)
 
-    if args.json:
-        Path(args.json).write_text(json.dumps({"command": command, "runs": runs}, indent=1))
-    report(runs, label_a, label_b, args.method)
+
+def report_all(pairs: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    """One table per pair, then a summary of every pair's ratios, and LoRA's peak RSS against full fine-tuning's."""
+    summary = []
+    for pair in pairs:
+        label_a, label_b = labels(args, pair["peer"])
+        rows = pair.get("train_samples", args.train_samples)
+        print(f"\n### {pair['method']}: {label_a} (A) against {label_b} (B), {rows} training rows")
+        medians = report(pair["runs"], label_a, label_b, pair["method"])
+        summary.append((pair, label_a, label_b, medians))
+    print("\n### Summary (medians; ratio = A / B)\n")
+    print(
+        "| method | A | B | rows | A samples/s | B samples/s | ratio | dev acc A / B (pts) | peak RSS A / B (MB) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for pair, label_a, label_b, m in summary:
+        a, b = m["A"], m["B"]
+        print(f"| {pair['method']} | {label_a} | {label_b} | {pair.get('train_samples', args.train_samples)} | "
+              f"{a['samples_per_s']:.1f} | {b['samples_per_s']:.1f} | **{a['samples_per_s'] / b['samples_per_s']:.2f}x** | "
+              f"{a['accuracy']:.4f} / {b['accuracy']:.4f} ({100 * (a['accuracy'] - b['accuracy']):+.2f}) | "
+              f"{a['peak_rss_mb']:,.0f} / {b['peak_rss_mb']:,.0f} |")  # fmt: skip
+    # the same peer and row count on both sides, so the two methods' runs differ in the method only
+    by_method = {
+        (pair["method"], pair["peer"], pair.get("train_samples")): m["A"]["peak_rss_mb"]
+        for pair, _, _, m in summary
+    }
+    for (method, peer, rows), rss in by_method.items():
+        full = by_method.get(("full", peer, rows))
+        if method == "lora" and full:
+            print(f"\nPeak RSS of ours, LoRA / full fine-tuning (the runs paired with {peer}, {rows} rows): "
+                  f"{rss:,.0f} / {full:,.0f} MB = **{rss / full:.2f}**")  # fmt: skip
 
 
-def report(runs: dict[str, list[dict[str, Any]]], label_a: str, label_b: str, method: str) -> None:
+def report(
+    runs: dict[str, list[dict[str, Any]]], label_a: str, label_b: str, method: str
+) -> dict[str, dict[str, float]]:
     flops, convention = model_flops_per_token(method)
     fp32_peak, bf16_peak, peak_note = machine_peak(max(r["threads"] for rs in runs.values() for r in rs))
-    medians = {side: {key: statistics.median(r[key] for r in rs) for key, _, _ in COLUMNS} for side, rs in runs.items()}
+    medians = {
+        side: {key: statistics.median(r[key] for r in rs) for key, _, _ in COLUMNS}
+        for side, rs in runs.items()
+    }
     header = "| run | " + " | ".join(title for _, title, _ in COLUMNS) + " | GFLOP/s | of fp32 peak |"
     print("\n" + header + "\n" + "|---" * (len(COLUMNS) + 3) + "|")
     for side, label in (("A", label_a), ("B", label_b)):
@@ -444,6 +523,8 @@ def report(runs: dict[str, list[dict[str, Any]]], label_a: str, label_b: str, me
           f"steps; B: {extra}, {runs['B'][0]['steps']} steps; 1-minute load average at the end of each run "
           f"(a run alone on the machine adds about its thread count; more means it shared the cores): A {[round(r['load_1min'], 2) for r in runs['A']]}, "
           f"B {[round(r['load_1min'], 2) for r in runs['B']]}")  # fmt: skip
+    return medians
+
 
 if __name__ == "__main__":
     main()
