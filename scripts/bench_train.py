@@ -57,6 +57,13 @@ def first_step_clock(spawned: float) -> dict[str, float]:
     return seen
 
 
+def allocator() -> str:
+    """The malloc this process runs on: jemalloc or tcmalloc when LD_PRELOAD put one in, else glibc's."""
+    maps = Path("/proc/self/maps")
+    text = maps.read_text() if maps.exists() else ""
+    return next((name for name in ("jemalloc", "tcmalloc") if f"lib{name}" in text), "glibc")
+
+
 def peak_rss_mb() -> float:
     import resource
 
@@ -111,6 +118,7 @@ def run_ours(cfg: dict[str, Any]) -> dict[str, Any]:
         "steps": results["steps"],
         "precision": results["precision"],
         "threads": torch.get_num_threads(),
+        "malloc": allocator(),
     }
 
 
@@ -247,6 +255,7 @@ def run_peer(cfg: dict[str, Any]) -> dict[str, Any]:
         "steps": trainer.state.global_step,
         "precision": cfg.get("peer_precision", "fp32"),
         "threads": torch.get_num_threads(),
+        "malloc": allocator(),
         "optim": str(args.optim),
     }
 
@@ -374,13 +383,22 @@ def main() -> None:
                         help="comma-separated: tuned,run_glue pairs ours with each")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--train-samples", type=int, default=4000)
-    parser.add_argument("--run-glue-train-samples", type=int, default=1000,
-                        help="training rows for pairs with --peer run_glue, whose pad-to-128 Trainer runs ~15x slower "
-                        "(both sides of such a pair train on them)")  # fmt: skip
+    parser.add_argument(
+        "--run-glue-train-samples",
+        type=int,
+        help="training rows for pairs with --peer run_glue (default: --train-samples); its pad-to-128 Trainer runs "
+        "~10x slower, so fewer rows save time, but our fixed per-run costs (first-use kernels) then weigh more",
+    )
+    parser.add_argument(
+        "--run-glue-methods",
+        type=choices(("full", "lora")),
+        default=["full"],
+        help="the methods paired with --peer run_glue (the issue's run_glue figure is for full fine-tuning)",
+    )
     parser.add_argument("--run-glue-repeats", type=int, default=1)
     parser.add_argument("--validation-samples", type=int, help="default: the whole split (872)")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, help="default: the method's own default (full 1e-4, LoRA 1e-3)")
+    parser.add_argument("--lr", type=float, help="default: the method's own default (full 1e-4, LoRA 5e-4)")
     parser.add_argument("--warmup-ratio", type=float, default=0.1)
     parser.add_argument("--weight-decay", type=float, default=0.01)
     parser.add_argument("--seed", type=int, default=42)
@@ -429,9 +447,11 @@ def main() -> None:
     index = 0
     for method in args.method:
         for peer in args.peer:
+            if peer == "run_glue" and method not in args.run_glue_methods:
+                continue
             lr = args.lr or default_lr(method)
             run_glue = peer == "run_glue"
-            rows = args.run_glue_train_samples if run_glue else args.train_samples
+            rows = (args.run_glue_train_samples or args.train_samples) if run_glue else args.train_samples
             common = {
                 "method": method, "train_samples": rows, "validation_samples": args.validation_samples,
                 "batch_size": args.batch_size, "lr": lr, "warmup_ratio": args.warmup_ratio,
@@ -518,8 +538,9 @@ def report(
     print(f"\nModel FLOPs per real token: {flops / 1e6:.1f} MFLOP ({convention}); achieved FLOP/s = that x real "
           f"tokens / train time. {peak_note} Against the bf16 AMX peak the fractions are "
           f"{fp32_peak / bf16_peak:.3f}x those shown.")  # fmt: skip
-    extra = {k: runs["B"][0][k] for k in ("optim", "precision", "threads") if k in runs["B"][0]}
-    print(f"A: precision {runs['A'][0]['precision']}, {runs['A'][0]['threads']} threads, {runs['A'][0]['steps']} "
+    extra = {k: runs["B"][0][k] for k in ("optim", "precision", "threads", "malloc") if k in runs["B"][0]}
+    print(f"A: precision {runs['A'][0]['precision']}, {runs['A'][0]['threads']} threads, "
+          f"malloc {runs['A'][0].get('malloc', 'glibc')}, {runs['A'][0]['steps']} "
           f"steps; B: {extra}, {runs['B'][0]['steps']} steps; 1-minute load average at the end of each run "
           f"(a run alone on the machine adds about its thread count; more means it shared the cores): A {[round(r['load_1min'], 2) for r in runs['A']]}, "
           f"B {[round(r['load_1min'], 2) for r in runs['B']]}")  # fmt: skip
