@@ -4,6 +4,8 @@
     python scripts/bench_train.py --method lora
     python scripts/bench_train.py --peer run_glue --repeats 1      # the Trainer as run_glue.py sets it up
     python scripts/bench_train.py --peer ours --peer-set training.precision=auto   # A/B of two settings of ours
+    python scripts/bench_train.py --method full,lora --peer tuned,run_glue --set training.precision=auto
+                                                                   # every issue #8 target in one invocation
 
 Each run is a fresh subprocess (so peak RSS is the run's own); A and B alternate (A B, then B A, ...) so that drift of
 the machine hits both. Both sides train the same model on the same first N training rows for one epoch with the same
