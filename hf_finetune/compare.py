@@ -149,10 +149,32 @@ def _train_child(recipe: dict[str, Any]) -> None:
 def train_isolated(recipe: Recipe) -> None:
     """`train` in a fresh process: peak memory (the process's max RSS) and allocator state are then the run's own, not
     the maximum over every run before it, and a crash cannot take the comparison down."""
+    run_isolated(_train_child, recipe.to_dict())
+
+
+def run_isolated(fn: Any, *args: Any) -> Any:
+    """`fn(*args)` in a fresh spawned process that ends with this one."""
     import multiprocessing
 
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        pool.apply(_train_child, (recipe.to_dict(),))
+    with multiprocessing.get_context("spawn").Pool(
+        1, initializer=_die_with_parent, initargs=(os.getpid(),)
+    ) as pool:
+        return pool.apply(fn, args)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Pool initializer. A pool worker outlives a parent killed by SIGTERM or SIGKILL (Python's default SIGTERM exits
+    without the pool's cleanup), and would go on training into the run folder on its own; Linux's PR_SET_PDEATHSIG
+    has the kernel send it SIGTERM when the parent goes."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
 
 
 def _finished(run: Run) -> dict[str, Any] | None:

@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -145,3 +150,53 @@ def test_a_run_failing_in_its_own_process_is_reported_with_its_error(
     status = {r.method: (r.status, r.error) for r in done["runs"]}
     assert status["full"][0] == "trained"
     assert status["lora"][0] == "failed" and "InputError: training.max_length: 4096" in status["lora"][1]
+
+
+def _children(pid: int) -> set[int]:
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended while being read
+            continue
+        if int(fields[1]) == pid:  # fields: state, ppid, ...
+            found.add(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_isolated_run_ends_when_the_comparison_is_killed(tmp_path: Path) -> None:
+    """`kill -9` of a comparison must not leave its current run training on its own."""
+    script = "from hf_finetune.compare import run_isolated; import time; run_isolated(time.sleep, 300)"
+    parent = subprocess.Popen([sys.executable, "-c", script])
+    workers: set[int] = set()
+    try:
+        deadline = time.monotonic() + 60
+        while not (workers := _children(parent.pid)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert workers, "the pool worker never started"
+        time.sleep(1.0)  # let the worker run its initializer
+        workers = _children(parent.pid)
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 20
+        while (alive := {w for w in workers if Path(f"/proc/{w}").exists() and not _zombie(w)}) and (
+            time.monotonic() < deadline
+        ):
+            time.sleep(0.2)
+        assert not alive, f"processes {alive} outlived the killed comparison"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        for w in workers | _children(parent.pid):  # reparented once the parent is gone: the recorded ones too
+            try:
+                os.kill(w, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return False
