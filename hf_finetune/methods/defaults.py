@@ -21,8 +21,8 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     # LoRA: alpha = 2r (common practice, e.g. the PEFT LoRA guides); lr 5e-4 as the LoRA paper's RoBERTa-base GLUE
     # runs (Hu et al. 2021, Table 9: 4e-4..5e-4). Measured on SST-2/MiniLM, batch 16, warm-up 10%: lr 1e-3 is on the
     # edge of divergence (4,000 examples, seeds 42/1/2/3: 0.830/0.601/0.805/0.794; the full 67k epoch 0.851), 5e-4 is
-    # not (4,000: 0.819/0.821/0.825; 16,000: 0.877; 67k: 0.888). lr >= 2e-3 at r=32 diverged to chance. Dropout 0.05
-    # costs ~22% of the step on a CPU (its Bernoulli masks) but gains ~1 point here (0 at lr 5e-4: 0.801/0.809/0.819).
+    # not (4,000: 0.795/0.821/0.825; 16,000: 0.877; 67k: 0.888). lr >= 2e-3 at r=32 diverged to chance. Dropout 0.05
+    # costs ~30% of a step on a CPU (its Bernoulli masks) but gains ~1 point here (0 at lr 5e-4: 0.801/0.809/0.819).
     "lora": {"lr": 5e-4, "r": 32, "alpha": 64, "dropout": 0.05, "target_modules": ALL_LINEAR},
     # DoRA (Liu et al. 2024): LoRA's settings with weight decomposition; the paper uses LoRA's lr or half of it.
     "dora": {"lr": 5e-4, "r": 32, "alpha": 64, "dropout": 0.05, "target_modules": ALL_LINEAR},
