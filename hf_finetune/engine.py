@@ -266,8 +266,8 @@ def smoothed_loss(outputs: Any, batch: dict[str, torch.Tensor], t: TrainingConfi
     model's loss, so a regulariser PEFT adds to that loss (AdaLoRA's orthogonality term) is left out."""
     from hf_finetune.tasks.language_modeling import align_logits
 
-    shift = getattr(task, "decoder_only", False) or getattr(task, "causal", False)
-    logits, labels = align_logits(outputs.logits, batch["labels"], shift)
+    # token-level tasks only (the recipe allows label smoothing for those), each of which says how its labels align
+    logits, labels = align_logits(outputs.logits, batch["labels"], task.shift_labels)
     return torch.nn.functional.cross_entropy(
         logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, label_smoothing=t.label_smoothing
     )

@@ -290,6 +290,26 @@ def test_label_smoothing_is_the_smoothed_cross_entropy(
     assert out.loss.item() == pytest.approx(nll.item(), rel=1e-5)
 
 
+def test_smoothed_loss_aligns_a_decoder_only_models_labels(
+    tiny_models: dict[str, Path], mt_data: Path, tmp_path: Path
+):
+    """A decoder-only model's logits at t predict the label at t + 1: with no smoothing our loss is the model's own."""
+    from transformers import AutoTokenizer
+
+    from hf_finetune.engine import smoothed_loss
+
+    recipe = recipe_from_dict(mt_recipe(tiny_models["gpt2"], mt_data, tmp_path))
+    task = get_task(recipe)
+    model = task.load_model(str(tiny_models["gpt2"]))
+    assert task.shift_labels
+    ids = AutoTokenizer.from_pretrained(tiny_models["gpt2"])(["the cat sees der katze"], return_tensors="pt")
+    labels = ids["input_ids"].clone()
+    labels[0, :3] = -100  # the source part carries no loss
+    out = model(**ids, labels=labels)
+    ours = smoothed_loss(out, {"labels": labels}, recipe.training, task)
+    assert ours.item() == pytest.approx(out.loss.item(), rel=1e-5)
+
+
 def test_seq2seq_bad_inputs(tiny_models: dict[str, Path], mt_data: Path, tmp_path: Path, capsys) -> None:
     def run(rows: list[dict] | None = None, model: str = "t5", **extra: object) -> str:
         data = tmp_path / "bad"

@@ -44,6 +44,11 @@ class LanguageModelingTask:
     higher_is_better = False
     causal = True
 
+    @property
+    def shift_labels(self) -> bool:
+        """Logits at position t predict the label at t + 1 (causal LM), not at t (masked LM)."""
+        return self.causal
+
     def __init__(self, recipe: Recipe) -> None:
         self.recipe = recipe
         self.column = recipe.data.columns.text
@@ -205,7 +210,7 @@ class LanguageModelingTask:
             labels = batch.pop("labels")
             with accelerator.autocast():
                 logits = model(**batch).logits
-            sums, counts = token_losses(logits, labels, shift=self.causal)
+            sums, counts = token_losses(logits, labels, shift=self.shift_labels)
             sums, counts = accelerator.gather_for_metrics((sums, counts))
             metric.add_batch(loss_sums=sums.tolist(), token_counts=counts.tolist())
         model.train()

@@ -50,6 +50,12 @@ class Seq2SeqTask:
     default_max_length = 256
     """Source tokens; targets are cut at `seq2seq.max_target_length`."""
 
+    @property
+    def shift_labels(self) -> bool:
+        """Logits at position t predict the label at t + 1: a decoder-only model reads source and target as one
+        sequence; an encoder-decoder's decoder is fed the shifted target and predicts each label in place."""
+        return self.decoder_only
+
     def __init__(self, recipe: Recipe) -> None:
         self.recipe = recipe
         self.cfg = recipe.seq2seq
@@ -247,7 +253,7 @@ class Seq2SeqTask:
                     inputs["decoder_input_ids"] = decoder_inputs(unwrapped, labels)
                 with accelerator.autocast():
                     logits = model(**inputs).logits
-                sums, counts = token_losses(logits, labels, shift=self.decoder_only)
+                sums, counts = token_losses(logits, labels, shift=self.shift_labels)
             with accelerator.autocast():
                 new = self._generate(unwrapped, batch, prompt_length, options, pad)
             new = accelerator.pad_across_processes(new, dim=1, pad_index=pad)
