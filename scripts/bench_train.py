@@ -24,6 +24,7 @@ linear decay, weight decay, gradient clipping, seed, and evaluate on the full va
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -263,6 +264,7 @@ def run_peer(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------------- parent
+@functools.cache  # loads the model: once per method, not once per pair
 def model_flops_per_token(method: str) -> tuple[float, str]:
     """FLOPs per real token of one training step, counting the matmuls of the per-token (encoder) weights only:
     embeddings are lookups, and the pooler and classifier run once per sequence, not per token."""
@@ -449,10 +451,10 @@ def main() -> None:
     index = 0
     for method in args.method:
         for peer in args.peer:
-            if peer == "run_glue" and method not in args.run_glue_methods:
+            run_glue = peer == "run_glue"
+            if run_glue and method not in args.run_glue_methods:
                 continue
             lr = args.lr or default_lr(method)
-            run_glue = peer == "run_glue"
             rows = (args.run_glue_train_samples or args.train_samples) if run_glue else args.train_samples
             common = {
                 "method": method, "train_samples": rows, "validation_samples": args.validation_samples,

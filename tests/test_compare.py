@@ -152,16 +152,22 @@ def test_a_run_failing_in_its_own_process_is_reported_with_its_error(
     assert status["lora"][0] == "failed" and "InputError: training.max_length: 4096" in status["lora"][1]
 
 
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(state, parent pid) of a process from /proc, None once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, ValueError):
+        return None
+    return fields[0], int(fields[1])
+
+
 def _children(pid: int) -> set[int]:
-    found = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:  # the process ended while being read
-            continue
-        if int(fields[1]) == pid:  # fields: state, ppid, ...
-            found.add(int(stat.parent.name))
-    return found
+    return {int(p.name) for p in Path("/proc").glob("[0-9]*") if (_stat(int(p.name)) or ("", 0))[1] == pid}
+
+
+def _running(pid: int) -> bool:
+    stat = _stat(pid)
+    return stat is not None and stat[0] != "Z"  # a zombie has ended; only its exit status waits to be read
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
@@ -180,9 +186,7 @@ def test_isolated_run_ends_when_the_comparison_is_killed(tmp_path: Path) -> None
         parent.kill()
         parent.wait()
         deadline = time.monotonic() + 20
-        while (alive := {w for w in workers if Path(f"/proc/{w}").exists() and not _zombie(w)}) and (
-            time.monotonic() < deadline
-        ):
+        while (alive := {w for w in workers if _running(w)}) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not alive, f"processes {alive} outlived the killed comparison"
     finally:
@@ -193,10 +197,3 @@ def test_isolated_run_ends_when_the_comparison_is_killed(tmp_path: Path) -> None
                 os.kill(w, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return False
