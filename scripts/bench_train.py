@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "classification" / "sst2.yaml"
 RESULT_TAG = "BENCH_RESULT "
 # Measured and reported, no longer the engine's behaviour: each replaces one engine choice in the child process.
-PATCHES = ("adamw_forloop", "adamw_foreach", "no_pad8", "compile")
+PATCHES = ("adamw_forloop", "adamw_foreach", "no_pad8", "compile", "torch_dropout", "peft_input_casts")
 
 
 # ----------------------------------------------------------------------------------------------- child processes
@@ -154,6 +154,10 @@ def apply_patches(patches: list[str]) -> None:
                 return torch.compile(model, dynamic=True), hook
 
             engine.apply_method = compiled
+        elif patch == "torch_dropout":
+            engine.use_fast_dropout = lambda model: 0
+        elif patch == "peft_input_casts":
+            engine.leave_input_casts_to_autocast = lambda model: 0
         else:
             raise SystemExit(f"unknown patch {patch!r}; one of {', '.join(PATCHES)}")
 

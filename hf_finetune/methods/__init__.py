@@ -22,6 +22,7 @@ from peft import (
     get_peft_model,
 )
 from peft.optimizers import create_loraplus_optimizer
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.constants import (
     TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING,
     TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING,
@@ -157,6 +158,20 @@ def apply_method(
     if method.name == "adalora":
         return peft_model, AdaLoraStep()
     return peft_model, None
+
+
+def leave_input_casts_to_autocast(model: torch.nn.Module) -> int:
+    """Stop PEFT layers casting their input to the adapter weights' dtype; returns how many layers there were.
+
+    Under mixed precision, autocast picks every op's dtype, and PEFT's cast of a bf16 input (an attention context, a
+    GELU output) to the fp32 adapter weights only adds a bf16 -> fp32 -> bf16 round trip: the dropout's scaling rounds
+    once either way and autocast casts back for the matmul, so the results are bit-identical (tests/test_dropout.py).
+    Skipping it made a LoRA step on MiniLM in bf16 5-10% faster and its peak RSS ~60 MB lower (issue #8). This is
+    `peft.helpers.disable_input_dtype_casting` left on for the whole run."""
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer.cast_input_dtype_enabled = False
+    return len(layers)
 
 
 def freeze_unsaved(model: torch.nn.Module) -> list[str]:
