@@ -338,7 +338,7 @@ def spawn(side: str, cfg: dict[str, Any], log_dir: Path, index: int) -> dict[str
     if proc.returncode or not lines:
         raise SystemExit(f"{side} run failed (exit {proc.returncode}); see {log}")
     # 1-minute load average as the run ends: about the run's thread count when it had the machine to itself
-    return {**json.loads(lines[-1][len(RESULT_TAG) :]), "load_1min": os.getloadavg()[0]}
+    return {**json.loads(lines[-1][len(RESULT_TAG) :]), "load_1min": os.getloadavg()[0], "seed": cfg["seed"]}
 
 
 COLUMNS = (
@@ -411,6 +411,11 @@ def main() -> None:
     parser.add_argument("--weight-decay", type=float, default=0.01)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument(
+        "--seeds", type=lambda text: [int(x) for x in text.split(",")],
+        help="comma-separated: repeat i runs both sides with the i-th seed (overrides --seed and --repeats); dev "
+        "accuracy is then compared as the mean over seeds, since one 4,000-row run swings by 2-4 points",
+    )  # fmt: skip
+    parser.add_argument(
         "--set", action="append", default=[], help="recipe override for ours, e.g. training.precision=auto"
     )
     parser.add_argument(
@@ -474,11 +479,13 @@ def main() -> None:
             label_a, label_b = labels(args, peer)
             print(f"# {method}: A = {label_a}, B = {label_b}; lr {lr}, {rows} training rows", flush=True)
             runs: dict[str, list[dict[str, Any]]] = {"A": [], "B": []}
-            for repeat in range(args.run_glue_repeats if run_glue else args.repeats):
+            repeats = args.run_glue_repeats if run_glue else (len(args.seeds) if args.seeds else args.repeats)
+            for repeat in range(repeats):
                 order = ("A", "B") if repeat % 2 == 0 else ("B", "A")
+                seed = args.seeds[repeat % len(args.seeds)] if args.seeds else args.seed
                 for side in order:
                     index += 1
-                    run = spawn(side, a if side == "A" else b, log_dir, index)
+                    run = spawn(side, {**(a if side == "A" else b), "seed": seed}, log_dir, index)
                     runs[side].append(run)
                     print(f"  run {index} {side}: {run['samples_per_s']:.1f} samples/s, acc {run['accuracy']:.4f}, "
                           f"train {run['train_s']:.1f} s, rss {run['peak_rss_mb']:.0f} MB, load {run['load_1min']:.2f}", flush=True)  # fmt: skip
@@ -497,7 +504,7 @@ def report_all(pairs: list[dict[str, Any]], args: argparse.Namespace) -> None:
         print(f"\n### {pair['method']}: {label_a} (A) against {label_b} (B), {rows} training rows")
         medians = report(pair["runs"], label_a, label_b, pair["method"])
         summary.append((pair, label_a, label_b, medians))
-    print("\n### Summary (medians; ratio = A / B)\n")
+    print("\n### Summary (medians, dev accuracy the mean over runs; ratio = A / B)\n")
     print(
         "| method | A | B | rows | A samples/s | B samples/s | ratio | dev acc A / B (pts) | peak RSS A / B (MB) |"
     )
@@ -525,8 +532,12 @@ def report(
 ) -> dict[str, dict[str, float]]:
     flops, convention = model_flops_per_token(method)
     fp32_peak, bf16_peak, peak_note = machine_peak(max(r["threads"] for rs in runs.values() for r in rs))
+    # medians of the timings; accuracy as the mean, which with --seeds averages over seeds
     medians = {
-        side: {key: statistics.median(r[key] for r in rs) for key, _, _ in COLUMNS}
+        side: {
+            key: (statistics.mean if key == "accuracy" else statistics.median)(r[key] for r in rs)
+            for key, _, _ in COLUMNS
+        }
         for side, rs in runs.items()
     }
     header = "| run | " + " | ".join(title for _, title, _ in COLUMNS) + " | GFLOP/s | of fp32 peak |"
@@ -535,7 +546,7 @@ def report(
         for i, run in enumerate(runs[side], 1):
             print(table_row(f"{label} #{i}", run, flops, fp32_peak))
     for side, label in (("A", label_a), ("B", label_b)):
-        print(table_row(f"**{label} median**", medians[side], flops, fp32_peak))
+        print(table_row(f"**{label} median** (acc: mean)", medians[side], flops, fp32_peak))
     ratio = {key: medians["A"][key] / medians["B"][key] for key, _, _ in COLUMNS}
     print(
         "| **ratio A/B** | " + " | ".join(f"{ratio[key]:.2f}x" for key, _, _ in COLUMNS[:-1])
