@@ -27,6 +27,7 @@ from hf_finetune.methods import (
     apply_method,
     build_optimizer,
     default_lr,
+    default_warmup_ratio,
     leave_input_casts_to_autocast,
     resolve_method,
     virtual_positions,
@@ -80,11 +81,12 @@ def train(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
 
     method = resolve_method(recipe.method, total_steps)
     lr = t.lr or default_lr(method.name)
+    warmup_ratio = t.warmup_ratio if t.warmup_ratio is not None else default_warmup_ratio(method.name)
     model = task.load_model(model_path)
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model, on_step_end = apply_method(model, method, task.peft_task_type, task.head_modules, total_steps)
-    # dropout with the same distribution as torch's, its CPU masks 4-6x cheaper: a LoRA step on MiniLM ran ~15% faster
+    # dropout with the same distribution as torch's, its CPU masks ~3x cheaper: a LoRA step on MiniLM ran ~15% faster
     # (hf_finetune/dropout.py, docs/benchmarks.md); on other devices torch's own dropout runs unchanged
     use_fast_dropout(model)
     if accelerator.mixed_precision != "no":
@@ -99,13 +101,17 @@ def train(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
     scheduler = get_scheduler(
         t.scheduler,
         optimizer,
-        num_warmup_steps=int(t.warmup_ratio * total_steps),
+        num_warmup_steps=int(warmup_ratio * total_steps),
         num_training_steps=total_steps,
     )
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
     eval_loaders = {k: accelerator.prepare(v) for k, v in eval_loaders.items()}
 
-    resolved = {**recipe.to_dict(), "method": method.__dict__, "training": {**t.__dict__, "lr": lr}}
+    resolved = {
+        **recipe.to_dict(),
+        "method": method.__dict__,
+        "training": {**t.__dict__, "lr": lr, "warmup_ratio": warmup_ratio},
+    }
     state: dict[str, Any] = {"step": 0, "running_loss": 0.0, "micro_batches": 0}
     if resume_from is not None:
         state = checkpoint.load_state(

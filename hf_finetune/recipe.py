@@ -168,8 +168,9 @@ class TrainingConfig:
     lr: float | None = None
     """Peak learning rate (default: the method's own)."""
     weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
-    """Fraction of optimizer steps spent warming up linearly (10%, as in BERT; short LoRA runs need it)."""
+    warmup_ratio: float | None = None
+    """Fraction of optimizer steps spent warming up linearly (default: the method's own, 6% for full fine-tuning as in
+    RoBERTa's GLUE recipe, 10% as in BERT for the others: short LoRA runs need it)."""
     scheduler: Scheduler = "linear"
     max_grad_norm: float | None = 1.0
     """Clip the global gradient norm (null: no clipping)."""
@@ -474,7 +475,7 @@ def _check_values(recipe: Recipe) -> list[str]:
         problems.append(f"'training.epochs': must be positive, got {t.epochs}")
     if t.lr is not None and t.lr <= 0:
         problems.append(f"'training.lr': must be positive, got {t.lr}")
-    if not 0 <= t.warmup_ratio < 1:
+    if t.warmup_ratio is not None and not 0 <= t.warmup_ratio < 1:
         problems.append(f"'training.warmup_ratio': must be in [0, 1), got {t.warmup_ratio}")
     if (
         t.max_length is not None

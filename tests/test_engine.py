@@ -136,3 +136,23 @@ def test_periodic_eval_save_and_resume(tiny_bert: Path, data_dir: Path, tmp_path
     raw["training"]["resume"] = True
     again = engine.train(recipe_from_dict(raw))
     assert again["steps"] == first["steps"]
+
+
+@pytest.mark.parametrize(("method", "warmup"), [("full", 0.06), ("lora", 0.1)])
+def test_warmup_defaults_to_the_methods_own(
+    method: str, warmup: float, tiny_bert: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    """With `training.warmup_ratio` unset the schedule warms up over the method's own share of the 20 steps (full 6%:
+    1 step, LoRA 10%: 2), as the learning rate logged after step 2 shows; results.json records the value used."""
+    raw = tiny_recipe(
+        tiny_bert, data_dir, tmp_path / "run", **{"method.name": method, "training.max_steps": 20}
+    )
+    raw["training"].update(lr=1e-3, logging_every=2)
+    del raw["training"]["warmup_ratio"]
+    results = engine.train(recipe_from_dict(raw))
+    assert results["recipe"]["training"]["warmup_ratio"] == warmup
+    log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    lr_after_2 = next(r["lr"] for r in log if r.get("step") == 2 and "lr" in r)
+    warm = int(warmup * 20)
+    expected = 1e-3 * (2 / warm if 2 < warm else (20 - 2) / (20 - warm))
+    assert lr_after_2 == pytest.approx(expected)

@@ -29,7 +29,7 @@ from peft.utils.constants import (
 )
 
 from hf_finetune.errors import InputError
-from hf_finetune.methods.defaults import ALL_LINEAR, METHOD_DEFAULTS
+from hf_finetune.methods.defaults import ALL_LINEAR, DEFAULT_WARMUP_RATIO, METHOD_DEFAULTS
 from hf_finetune.methods.prefix import (
     EncoderPromptModel,
     PrefixConfig,
@@ -46,6 +46,10 @@ METHOD_NAMES = tuple(METHOD_DEFAULTS)
 
 def default_lr(method: str) -> float:
     return METHOD_DEFAULTS[method]["lr"]
+
+
+def default_warmup_ratio(method: str) -> float:
+    return METHOD_DEFAULTS[method].get("warmup_ratio", DEFAULT_WARMUP_RATIO)
 
 
 def resolve_method(method: MethodConfig, total_steps: int) -> MethodConfig:
