@@ -19,12 +19,13 @@ from hf_finetune.recipe import MethodConfig
 
 @pytest.mark.parametrize(("p", "batch"), [(0.05, None), (0.3, None), (0.1, 3)])
 def test_positions_are_iid_bernoulli(p: float, batch: int | None) -> None:
-    """Every position is dropped at rate p, and the count per draw has the binomial variance. A batch of 3 gaps
-    makes nearly every draw continue across batches, so an off-by-one at the seams would move the rate."""
+    """Every position is dropped at rate p, neighbours independently, and the count per draw has the binomial
+    variance. A batch of 3 gaps makes nearly every draw continue across batches, so an off-by-one at the seams would
+    move the rate."""
     torch.manual_seed(0)
     n, draws = 200, 3000
     counts = torch.zeros(n)
-    per_draw = []
+    per_draw, neighbours = [], 0
     for _ in range(draws):
         positions = drop_positions(n, p, batch=batch)
         assert positions.dtype == torch.int64
@@ -32,12 +33,16 @@ def test_positions_are_iid_bernoulli(p: float, batch: int | None) -> None:
         assert positions.numel() == 0 or 0 <= int(positions[0]) and int(positions[-1]) < n
         counts[positions] += 1
         per_draw.append(positions.numel())
+        neighbours += int((positions[1:] - positions[:-1] == 1).sum())
     rate = counts.sum().item() / (n * draws)
     assert abs(rate - p) < 4 * math.sqrt(p * (1 - p) / (n * draws))
     # each position separately (200 of them: 5 standard errors leaves room for the largest of 200 deviations)
     assert float((counts / draws - p).abs().max()) < 5 * math.sqrt(p * (1 - p) / draws)
     variance = torch.tensor(per_draw, dtype=torch.float64).var().item()
     assert variance == pytest.approx(n * p * (1 - p), rel=0.15)
+    # independence of neighbours: both of two adjacent positions dropped at rate p^2
+    pairs = (n - 1) * draws
+    assert abs(neighbours / pairs - p * p) < 4 * math.sqrt(p * p * (1 - p * p) / pairs)
 
 
 def test_kept_values_scale_and_gradients_follow_the_mask() -> None:
