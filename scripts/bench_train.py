@@ -4,13 +4,16 @@
     python scripts/bench_train.py --method lora
     python scripts/bench_train.py --peer run_glue --repeats 1      # the Trainer as run_glue.py sets it up
     python scripts/bench_train.py --peer ours --peer-set training.precision=auto   # A/B of two settings of ours
-    python scripts/bench_train.py --method full,lora --peer tuned,run_glue --set training.precision=auto
+    python scripts/bench_train.py --method full,lora --peer tuned,run_glue --set training.precision=auto --seeds 42,1,2
                                                                    # every issue #8 target in one invocation
+    python scripts/bench_train.py --method lora --peer ours --peer-set training.precision=auto \
+        --set training.precision=auto --peer-patch torch_dropout   # one engine choice on/off (see PATCHES)
 
 Each run is a fresh subprocess (so peak RSS is the run's own); A and B alternate (A B, then B A, ...) so that drift of
 the machine hits both. Both sides train the same model on the same first N training rows for one epoch with the same
-batch size, learning rate (the method's default from hf_finetune/methods/defaults.py unless --lr), warm-up steps,
-linear decay, weight decay, gradient clipping, seed, and evaluate on the full validation split.
+batch size, learning rate (the method's default from hf_finetune/methods/defaults.py unless --lr), warm-up steps
+(10% unless --warmup-ratio), linear decay, weight decay, gradient clipping, seed, and evaluate on the full validation
+split. With --seeds, repeat i uses the i-th seed on both sides and accuracy is compared as the mean over seeds.
 
 - ours: `hf_finetune.engine.train` on recipes/classification/sst2.yaml with overrides (--set adds more).
 - tuned: `Trainer` with dynamic padding (`DataCollatorWithPadding`) and `train_sampling_strategy="group_by_length"`
