@@ -154,19 +154,14 @@ def apply_patches(patches: list[str]) -> None:
                 return torch.optim.AdamW(groups, lr=lr, fused=False, foreach=foreach)
 
             engine.build_optimizer = build_optimizer
-        elif patch == "no_pad8":
+        elif patch in ("no_pad8", "pad8"):
             from transformers import DataCollatorWithPadding
 
             from hf_finetune.tasks.classification import ClassificationTask
 
-            ClassificationTask.collator = lambda self, tokenizer: DataCollatorWithPadding(tokenizer)  # type: ignore
-        elif patch == "pad8":
-            from transformers import DataCollatorWithPadding
-
-            from hf_finetune.tasks.classification import ClassificationTask
-
-            ClassificationTask.collator = lambda self, tokenizer: DataCollatorWithPadding(  # type: ignore
-                tokenizer, pad_to_multiple_of=8
+            multiple = 8 if patch == "pad8" else None
+            ClassificationTask.collator = lambda self, tokenizer, multiple=multiple: DataCollatorWithPadding(  # type: ignore
+                tokenizer, pad_to_multiple_of=multiple
             )
         elif patch == "onednn_cache256":
             # read by oneDNN when it builds its first kernel, which has not happened yet in this child

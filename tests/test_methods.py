@@ -1,4 +1,5 @@
-"""Method defaults resolve as documented, AdaLoRA's schedule follows the run length, LoRA+ groups its learning rates."""
+"""Method defaults resolve as documented, AdaLoRA's schedule follows the run length, LoRA+ groups its learning rates,
+and leaving PEFT's input casts to autocast changes no bit of a bf16 step."""
 
 from __future__ import annotations
 
@@ -6,10 +7,19 @@ import typing
 
 import pytest
 import torch
+from peft.tuners.lora import Linear as LoraLinear
 from transformers import BertConfig, BertForSequenceClassification
 
+from hf_finetune.dropout import use_fast_dropout
 from hf_finetune.errors import InputError
-from hf_finetune.methods import METHOD_NAMES, apply_method, build_optimizer, build_peft_config, resolve_method
+from hf_finetune.methods import (
+    METHOD_NAMES,
+    apply_method,
+    build_optimizer,
+    build_peft_config,
+    leave_input_casts_to_autocast,
+    resolve_method,
+)
 from hf_finetune.methods.defaults import METHOD_DEFAULTS
 from hf_finetune.recipe import MethodConfig, MethodName
 
@@ -94,3 +104,35 @@ def test_fused_adamw_matches_the_loop_and_reaches_loraplus(loraplus: float | Non
         models.append(model)
     for (name, loop), fused_p in zip(models[0].named_parameters(), models[1].parameters(), strict=True):
         torch.testing.assert_close(loop, fused_p, msg=name)
+
+
+def test_leaving_input_casts_to_autocast_changes_no_bit() -> None:
+    """Under bf16 autocast, skipping PEFT's cast of bf16 inputs up to the fp32 adapter dtype gives the same logits and
+    the same adapter gradients, dropout included (the same seed draws the same drops)."""
+    torch.manual_seed(0)
+    method = resolve_method(MethodConfig(name="lora"), 10)
+    model, _ = apply_method(tiny_classifier(), method, "SEQ_CLS", ("classifier",), 10)
+    use_fast_dropout(model)
+    model.train()
+    ids, labels = torch.randint(0, 50, (4, 9)), torch.tensor([0, 1, 1, 0])
+    input_dtypes = set()
+    for module in model.modules():
+        if isinstance(module, LoraLinear):
+            module.register_forward_pre_hook(lambda _, args: input_dtypes.add(args[0].dtype))
+
+    def run() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        torch.manual_seed(5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(input_ids=ids, labels=labels)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad()
+        return out.logits, grads
+
+    logits, grads = run()
+    assert input_dtypes == {torch.float32, torch.bfloat16}  # some adapters really get bf16 inputs
+    assert leave_input_casts_to_autocast(model) > 0
+    logits_after, grads_after = run()
+    assert torch.equal(logits_after, logits)
+    assert grads_after.keys() == grads.keys() and any("lora_A" in n for n in grads)
+    assert all(torch.equal(grads_after[n], g) for n, g in grads.items())
