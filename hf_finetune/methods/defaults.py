@@ -27,8 +27,8 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     # runs (Hu et al. 2021, Table 9: 4e-4..5e-4). Measured on SST-2/MiniLM, batch 16, warm-up 10%: lr 1e-3 is on the
     # edge of divergence (4,000 examples, seeds 42/1/2/3: 0.830/0.601/0.805/0.794; the full 67k epoch 0.851), 5e-4 is
     # not (4,000: 0.795/0.821/0.825; 16,000: 0.877; 67k: 0.888). lr >= 2e-3 at r=32 diverged to chance. Dropout 0.05
-    # gains ~1 point here (0 at lr 5e-4: 0.801/0.809/0.819); on a CPU it costs ~20% of a bf16 step even with
-    # hf_finetune.dropout (~30% with torch's).
+    # gains ~1 point here (0 at lr 5e-4: 0.801/0.809/0.819); on a CPU it costs 10-20% of a bf16 step even with
+    # hf_finetune.dropout, ~30% with torch's (scripts/profile_step.py --method lora [--dropout 0] [--torch-dropout]).
     "lora": {"lr": 5e-4, "r": 32, "alpha": 64, "dropout": 0.05, "target_modules": ALL_LINEAR},
     # DoRA (Liu et al. 2024): LoRA's settings with weight decomposition; the paper uses LoRA's lr or half of it.
     "dora": {"lr": 5e-4, "r": 32, "alpha": 64, "dropout": 0.05, "target_modules": ALL_LINEAR},
