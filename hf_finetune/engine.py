@@ -35,7 +35,7 @@ from hf_finetune.methods import (
 from hf_finetune.padding import MULTIPLE
 from hf_finetune.recipe import Recipe, TrainingConfig
 from hf_finetune.sampling import LengthGroupedSampler, eval_loader
-from hf_finetune.system import choose_precision, peak_memory_mb, versions
+from hf_finetune.system import choose_precision, limit_ideep_cache, peak_memory_mb, versions
 from hf_finetune.tasks import TASKS, get_task
 
 
@@ -49,6 +49,7 @@ def train(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
     """Run the recipe; `overwrite` lets it replace a finished run in `output_dir` (otherwise refused)."""
     t = recipe.training
     out = Path(recipe.output_dir)
+    limit_ideep_cache()
     accelerator = make_accelerator(t, out)
     world = accelerator.num_processes
     set_seed(t.seed)

@@ -11,10 +11,11 @@ from hf_finetune.checkpoint import load_final
 from hf_finetune.data import load_splits
 from hf_finetune.recipe import Recipe
 from hf_finetune.sampling import eval_loader
-from hf_finetune.system import choose_precision
+from hf_finetune.system import choose_precision, limit_ideep_cache
 
 
 def evaluate_checkpoint(recipe: Recipe, checkpoint: str) -> dict[str, Any]:
+    limit_ideep_cache()
     accelerator = Accelerator(mixed_precision=choose_precision(recipe.training.precision))
     task, model, tokenizer, info = load_final(checkpoint, recipe)
     if hasattr(task, "attach_tokenizer"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import resource
 from importlib.metadata import PackageNotFoundError, version
@@ -36,6 +37,20 @@ def choose_precision(precision: str) -> str:
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         return "bf16" if cpu_has_bf16() else "no"
     return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+
+
+def limit_ideep_cache() -> None:
+    """Keep ideep's per-shape matmul cache to one entry, unless the user has set LRU_CACHE_CAPACITY.
+
+    On a CPU, torch runs bf16 matmuls through ideep, which keeps each shape's oneDNN primitive in an LRU of 1,024
+    entries (ideep's `LRU_CACHE_CAPACITY`, pytorch/pytorch#27971), beside oneDNN's own primitive cache, which already
+    keeps every compiled kernel. Dynamic padding makes new shapes for every sequence length, and each cached brgemm
+    matmul descriptor holds ~225 KB (heaptrack), so LoRA, with twice full fine-tuning's matmul shapes, grew the heap
+    by more than full fine-tuning's Adam state saves. With one entry, oneDNN's cache still serves every kernel; a
+    matmul costs a few microseconds more. Measured in docs/benchmarks.md (issue #8). ideep reads the variable at its
+    first matmul, so this must run before the first forward pass; torch keeps the setting for the process's life.
+    """
+    os.environ.setdefault("LRU_CACHE_CAPACITY", "1")
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -50,6 +50,7 @@ PATCHES = (
     "no_pad8",
     "pad8",
     "onednn_cache256",
+    "ideep_cache1024",
     "compile",
     "torch_dropout",
     "peft_input_casts",
@@ -166,6 +167,9 @@ def apply_patches(patches: list[str]) -> None:
         elif patch == "onednn_cache256":
             # read by oneDNN when it builds its first kernel, which has not happened yet in this child
             os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = "256"
+        elif patch == "ideep_cache1024":
+            # torch's default; the engine keeps a value already set (hf_finetune.system.limit_ideep_cache)
+            os.environ["LRU_CACHE_CAPACITY"] = "1024"
         elif patch == "compile":
 
             def compiled(*args: Any, apply_method: Any = engine.apply_method, **kwargs: Any) -> Any:

@@ -8,7 +8,8 @@ Runs --batches steps (after 5 warm-up steps) over the first 32 x --batches train
 fused AdamW and gradient clipping as the engine has them, but no data loader or evaluation: a step's own cost. Prints
 ms per step, peak RSS, and glibc's `mallinfo2` (main-arena heap in use and free, mmapped bytes); `--profile` adds a
 `torch.profiler` table over every sixth batch. Set ONEDNN_PRIMITIVE_CACHE_CAPACITY in the environment to cap oneDNN's
-kernel cache.
+kernel cache; ideep's shape cache is kept to one entry as the engine keeps it (`LRU_CACHE_CAPACITY=1024` restores
+torch's default).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from hf_finetune.dropout import use_fast_dropout
 from hf_finetune.hub import resolve_model
 from hf_finetune.methods import apply_method, leave_input_casts_to_autocast, resolve_method
 from hf_finetune.recipe import MethodConfig
+from hf_finetune.system import limit_ideep_cache
 from hf_finetune.tasks.classification import ClassificationTask
 
 
@@ -51,6 +53,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
 
+    limit_ideep_cache()
     path = resolve_model("sentence-transformers/all-MiniLM-L6-v2")
     tokenizer = AutoTokenizer.from_pretrained(path)
     torch.manual_seed(0)
