@@ -42,13 +42,14 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "classification" / "sst2.yaml"
 RESULT_TAG = "BENCH_RESULT "
-# Measured and reported, not the engine's behaviour: each replaces one engine choice in the child process (or, pad8
-# and onednn_cache256, tries one it does not make; docs/benchmarks.md says why not).
+# Measured and reported, not the engine's behaviour: each replaces one engine choice in the child process (or, pad8,
+# pad4 and onednn_cache256, tries one it does not make; docs/benchmarks.md says why not).
 PATCHES = (
     "adamw_forloop",
     "adamw_foreach",
-    "no_pad8",
+    "no_buckets",
     "pad8",
+    "pad4",
     "onednn_cache256",
     "ideep_cache1024",
     "compile",
@@ -155,12 +156,13 @@ def apply_patches(patches: list[str]) -> None:
                 return torch.optim.AdamW(groups, lr=lr, fused=False, foreach=foreach)
 
             engine.build_optimizer = build_optimizer
-        elif patch in ("no_pad8", "pad8"):
+        elif patch in ("no_buckets", "pad8", "pad4"):
+            # instead of the CPU's width buckets (hf_finetune/padding.py): plain dynamic padding, or fixed multiples
             from transformers import DataCollatorWithPadding
 
             from hf_finetune.tasks.classification import ClassificationTask
 
-            multiple = 8 if patch == "pad8" else None
+            multiple = None if patch == "no_buckets" else int(patch[3:])
             ClassificationTask.collator = lambda self, tokenizer, multiple=multiple: DataCollatorWithPadding(  # type: ignore
                 tokenizer, pad_to_multiple_of=multiple
             )

@@ -11,6 +11,7 @@ import torch
 from transformers import AutoTokenizer
 
 import hf_finetune.tasks as tasks
+from hf_finetune.padding import BucketedPadding, bucket_width
 from hf_finetune.recipe import Recipe, TaskName
 from hf_finetune.tasks.classification import ClassificationTask
 
@@ -37,11 +38,31 @@ def test_help_lists_every_task() -> None:
     assert listed == list(tasks.TASK_NAMES)
 
 
-@pytest.mark.parametrize(("cuda", "width"), [(False, 5), (True, 8)])
-def test_classification_pads_to_multiples_of_8_on_gpus_only(
-    tiny_bert: Path, monkeypatch: pytest.MonkeyPatch, cuda: bool, width: int
+@pytest.mark.parametrize(("cuda", "longest", "width"), [(False, 5, 5), (False, 17, 20), (True, 5, 8), (True, 17, 24)])
+def test_classification_pads_to_multiples_of_8_on_gpus_and_to_width_buckets_on_cpus(
+    tiny_bert: Path, monkeypatch: pytest.MonkeyPatch, cuda: bool, longest: int, width: int
 ) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
-    collate = ClassificationTask(Recipe()).collator(AutoTokenizer.from_pretrained(tiny_bert))
-    batch = collate([{"input_ids": [1, 2, 3, 4, 5], "labels": 0}, {"input_ids": [1, 2], "labels": 1}])
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    collate = ClassificationTask(Recipe()).collator(tokenizer)
+    batch = collate([{"input_ids": list(range(1, longest + 1)), "labels": 0}, {"input_ids": [1, 2], "labels": 1}])
     assert batch["input_ids"].shape == (2, width)
+    assert batch["attention_mask"].sum(1).tolist() == [longest, 2]
+    assert (batch["input_ids"][0, longest:] == tokenizer.pad_token_id).all()
+    assert batch["labels"].tolist() == [0, 1]
+
+
+def test_width_buckets_keep_three_leading_bits() -> None:
+    widths = [bucket_width(w) for w in range(1, 1025)]
+    assert widths[:16] == [1, 2, 3, 4, 5, 6, 7, 8, 10, 10, 12, 12, 14, 14, 16, 16]
+    for w, b in enumerate(widths, start=1):
+        assert w <= b <= 1.25 * w and bucket_width(b) == b
+        assert b >> max(b.bit_length() - 3, 0) << max(b.bit_length() - 3, 0) == b  # only the top three bits set
+    assert widths == sorted(widths)
+    assert len(set(widths[:128])) == 24 and len(set(widths)) == 36  # 8, then four per doubling
+
+
+def test_bucketed_padding_stops_at_max_length(tiny_bert: Path) -> None:
+    collate = BucketedPadding(AutoTokenizer.from_pretrained(tiny_bert), max_length=18)
+    batch = collate([{"input_ids": list(range(1, 18))}, {"input_ids": [1]}])
+    assert batch["input_ids"].shape == (2, 18)  # the bucket, 20, capped

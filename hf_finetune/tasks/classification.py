@@ -18,6 +18,7 @@ from transformers import (
 from hf_finetune.data import require_columns
 from hf_finetune.errors import InputError
 from hf_finetune.metrics import load_metric
+from hf_finetune.padding import BucketedPadding
 from hf_finetune.recipe import Recipe
 
 
@@ -128,10 +129,13 @@ class ClassificationTask:
         )
 
     def collator(self, tokenizer: PreTrainedTokenizerBase) -> DataCollatorWithPadding:
-        # multiples of 8 keep GPU tensor-core tile shapes. A CPU gains nothing from them (its matmuls see batch x length
-        # rows, already a multiple of the batch size) and pays for every pad token: SST-2 sentences average ~13 tokens,
-        # and without the rounding our training ran 1.10x faster (docs/benchmarks.md, issue #8)
-        return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if torch.cuda.is_available() else None)
+        # multiples of 8 keep GPU tensor-core tile shapes. On a CPU they cost too much: SST-2 sentences average ~13
+        # tokens, so rounding to 8 adds 25% of them (LoRA trained 9% slower). Geometric width buckets add ~6% and still
+        # cut the distinct matmul shapes, whose cached kernels made up much of a run's peak RSS (hf_finetune/padding.py)
+        if torch.cuda.is_available():
+            return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8)
+        # capped at the truncation length, so a bucket never asks for more positions than check_model allowed
+        return BucketedPadding(tokenizer, max_length=self.recipe.training.max_length or self.default_max_length)
 
     @torch.no_grad()
     def evaluate(
