@@ -44,11 +44,11 @@ def limit_ideep_cache() -> None:
 
     On a CPU, torch runs bf16 matmuls through ideep, which keeps each shape's oneDNN primitive in an LRU of 1,024
     entries (ideep's `LRU_CACHE_CAPACITY`, pytorch/pytorch#27971), beside oneDNN's own primitive cache, which already
-    keeps every compiled kernel. Dynamic padding makes new shapes for every sequence length, and each cached brgemm
-    matmul descriptor holds ~225 KB (heaptrack), so LoRA, with twice full fine-tuning's matmul shapes, grew the heap
-    by more than full fine-tuning's Adam state saves. With one entry, oneDNN's cache still serves every kernel; a
-    matmul costs a few microseconds more. Measured in docs/benchmarks.md (issue #8). ideep reads the variable at its
-    first matmul, so this must run before the first forward pass; torch keeps the setting for the process's life.
+    keeps every compiled kernel. Each new batch width makes new shapes, a brgemm matmul's descriptor holds ~250 KB
+    (heaptrack), and ideep kept a second one per shape: LoRA, with twice full fine-tuning's matmul shapes, gave back in
+    descriptors what it saved on gradients and Adam state. With one entry oneDNN's cache still serves every kernel:
+    on the SST-2 bench peak RSS fell by ~190 MB (LoRA) and ~30 MB (full) at unchanged speed (docs/benchmarks.md,
+    issue #8). ideep reads the variable at its first matmul, so this must run before the first forward pass.
     """
     os.environ.setdefault("LRU_CACHE_CAPACITY", "1")
 

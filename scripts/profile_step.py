@@ -3,6 +3,7 @@
     python scripts/profile_step.py --method lora --precision bf16              # the engine's choices
     python scripts/profile_step.py --method lora --precision bf16 --torch-dropout --peft-casts
     python scripts/profile_step.py --method full --precision bf16 --pad-to 8 --profile
+    LRU_CACHE_CAPACITY=1024 python scripts/profile_step.py --method lora --pad-to 0   # before the two memory changes
 
 Runs --batches steps (after 5 warm-up steps) over the first 32 x --batches training sentences sorted by length, with
 fused AdamW and gradient clipping as the engine has them, but no data loader or evaluation: a step's own cost. Prints
@@ -27,6 +28,7 @@ from hf_finetune.data import resolve_path
 from hf_finetune.dropout import use_fast_dropout
 from hf_finetune.hub import resolve_model
 from hf_finetune.methods import apply_method, leave_input_casts_to_autocast, resolve_method
+from hf_finetune.padding import BucketedPadding
 from hf_finetune.recipe import MethodConfig
 from hf_finetune.system import limit_ideep_cache
 from hf_finetune.tasks.classification import ClassificationTask
@@ -48,7 +50,10 @@ def main() -> None:
         "--torch-dropout", action="store_true", help="keep torch's dropout (the engine swaps it)"
     )
     parser.add_argument("--peft-casts", action="store_true", help="keep PEFT's input casts under bf16")
-    parser.add_argument("--pad-to", type=int, help="pad each batch's width to a multiple of this")
+    parser.add_argument(
+        "--pad-to", type=int, help="pad each batch's width to a multiple of this (0: the longest row's width) instead "
+        "of the engine's CPU width buckets (hf_finetune/padding.py)"
+    )  # fmt: skip
     parser.add_argument("--batches", type=int, default=63)
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
@@ -71,7 +76,10 @@ def main() -> None:
         tokenizer(r["sentence"], truncation=True, max_length=128) | {"labels": r["label"]} for r in rows
     ]
     encoded.sort(key=lambda e: len(e["input_ids"]))
-    collate = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=args.pad_to)
+    if args.pad_to is None:
+        collate = BucketedPadding(tokenizer, max_length=128)
+    else:
+        collate = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=args.pad_to or None)
     batches = [collate(encoded[i : i + 32]) for i in range(0, len(encoded), 32)]
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
     model.train()
