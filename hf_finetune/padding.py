@@ -25,10 +25,10 @@ def bucket_width(width: int) -> int:
     """`width` rounded up so that only its three leading bits may be set: 1..8 stay, then 10, 12, 14, 16, 20, 24, 28,
     32, 40, 48, ... Four widths per doubling; a width just past a power of two grows by up to a quarter.
 
-    Why on a CPU: oneDNN compiles and keeps a kernel (with a ~250 KB descriptor) for every matmul shape, and dynamic
-    padding makes new shapes for every batch width. On SST-2's length-grouped batches of 32 this keeps 19 of the 55
-    widths for 5.8% more tokens; multiples of 4 keep 16 for 11%, multiples of 8 keep 9 for 25% (SST-2 sentences are
-    short). Measured on/off in docs/benchmarks.md (issue #8)."""
+    Why in bf16/fp16 on a CPU: oneDNN compiles and keeps a kernel (with a ~250 KB descriptor) for every matmul
+    shape, and dynamic padding makes new shapes for every batch width. On SST-2's length-grouped batches of 32 this
+    keeps 19 of the 55 widths for 5.8% more tokens; multiples of 4 keep 16 for 11%, multiples of 8 keep 9 for 25%
+    (SST-2 sentences are short). Measured on/off in docs/benchmarks.md (issue #8)."""
     if width <= 8:
         return width
     step = 1 << (width - 1).bit_length() - 3

@@ -76,7 +76,7 @@ def main() -> None:
         tokenizer(r["sentence"], truncation=True, max_length=128) | {"labels": r["label"]} for r in rows
     ]
     encoded.sort(key=lambda e: len(e["input_ids"]))
-    if args.pad_to is None:
+    if args.pad_to is None and args.precision == "bf16":  # as the engine pads on a CPU
         collate = BucketedPadding(tokenizer, max_length=128)
     else:
         collate = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=args.pad_to or None)

@@ -38,13 +38,18 @@ def test_help_lists_every_task() -> None:
     assert listed == list(tasks.TASK_NAMES)
 
 
-@pytest.mark.parametrize(("cuda", "longest", "width"), [(False, 5, 5), (False, 17, 20), (True, 5, 8), (True, 17, 24)])
-def test_classification_pads_to_multiples_of_8_on_gpus_and_to_width_buckets_on_cpus(
-    tiny_bert: Path, monkeypatch: pytest.MonkeyPatch, cuda: bool, longest: int, width: int
+@pytest.mark.parametrize(
+    ("cuda", "precision", "longest", "width"),
+    [(False, "bf16", 5, 5), (False, "bf16", 17, 20), (False, "fp32", 17, 17), (True, "bf16", 5, 8), (True, "fp32", 17, 24)],
+)
+def test_classification_pads_to_multiples_of_8_on_gpus_and_to_width_buckets_on_cpus_in_bf16(
+    tiny_bert: Path, monkeypatch: pytest.MonkeyPatch, cuda: bool, precision: str, longest: int, width: int
 ) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
-    collate = ClassificationTask(Recipe()).collator(tokenizer)
+    recipe = Recipe()
+    recipe.training.precision = precision
+    collate = ClassificationTask(recipe).collator(tokenizer)
     batch = collate([{"input_ids": list(range(1, longest + 1)), "labels": 0}, {"input_ids": [1, 2], "labels": 1}])
     assert batch["input_ids"].shape == (2, width)
     assert batch["attention_mask"].sum(1).tolist() == [longest, 2]

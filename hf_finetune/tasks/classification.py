@@ -20,6 +20,7 @@ from hf_finetune.errors import InputError
 from hf_finetune.metrics import load_metric
 from hf_finetune.padding import BucketedPadding
 from hf_finetune.recipe import Recipe
+from hf_finetune.system import choose_precision
 
 
 class ClassificationTask:
@@ -130,10 +131,14 @@ class ClassificationTask:
 
     def collator(self, tokenizer: PreTrainedTokenizerBase) -> DataCollatorWithPadding:
         # multiples of 8 keep GPU tensor-core tile shapes. On a CPU they cost too much: SST-2 sentences average ~13
-        # tokens, so rounding to 8 adds 25% of them (LoRA trained 9% slower). Geometric width buckets add ~6% and still
-        # cut the distinct matmul shapes, whose cached kernels made up much of a run's peak RSS (hf_finetune/padding.py)
+        # tokens, so rounding to 8 adds 25% of them (LoRA trained 9% slower). Under bf16/fp16 a CPU's matmuls run
+        # through oneDNN, which compiles and keeps a kernel per shape: geometric width buckets add ~6% of tokens and
+        # cut those shapes, whose cached kernels made up much of a run's peak RSS (hf_finetune/padding.py). fp32
+        # matmuls go to MKL, which keeps nothing per shape, so fp32 pads to the longest row only.
         if torch.cuda.is_available():
             return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8)
+        if choose_precision(self.recipe.training.precision) == "no":
+            return DataCollatorWithPadding(tokenizer)
         # capped at the truncation length, so a bucket never asks for more positions than check_model allowed
         return BucketedPadding(tokenizer, max_length=self.recipe.training.max_length or self.default_max_length)
 
