@@ -13,7 +13,13 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, DistributedType, gather_object, set_seed
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    DistributedType,
+    TorchDynamoPlugin,
+    gather_object,
+    set_seed,
+)
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoTokenizer, get_scheduler
@@ -88,8 +94,10 @@ def train(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
         model.config.pad_token_id = tokenizer.pad_token_id
     model, on_step_end = apply_method(model, method, task.peft_task_type, task.head_modules, total_steps)
     # dropout with the same distribution as torch's, its CPU masks ~3x cheaper: a LoRA step on MiniLM ran ~15% faster
-    # (hf_finetune/dropout.py, docs/benchmarks.md); on other devices torch's own dropout runs unchanged
-    use_fast_dropout(model)
+    # (hf_finetune/dropout.py, docs/benchmarks.md); on other devices torch's own dropout runs unchanged. Not when
+    # compiling: its sampling loop has data-dependent sizes that dynamo cannot trace, and inductor fuses torch's own.
+    if not t.compile:
+        use_fast_dropout(model)
     if accelerator.mixed_precision != "no":
         leave_input_casts_to_autocast(model)
     trainable, total = count_parameters(model)
@@ -120,7 +128,7 @@ def train(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
             resume_from,
             global_batch * t.grad_accum,
             on_step_end,
-            accelerator.unwrap_model(model),
+            unwrapped(accelerator, model),
         )
     step = state["step"]
     if accelerator.is_main_process:
@@ -167,7 +175,7 @@ def train(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
                     optimizer.step()
                 scheduler.step()
                 if accelerator.sync_gradients and on_step_end is not None and not window_bad:
-                    on_step_end(accelerator.unwrap_model(model), step + 1)
+                    on_step_end(unwrapped(accelerator, model), step + 1)
                 optimizer.zero_grad()  # a skipped window's partial gradients go too
             if not bad:
                 running_loss += loss.detach()
@@ -213,7 +221,7 @@ def train(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
                 }
                 checkpoint.save_state(
                     accelerator, out, state, t.save_total_limit, higher_is_better,
-                    on_step_end, accelerator.unwrap_model(model),
+                    on_step_end, unwrapped(accelerator, model),
                 )  # fmt: skip
             if step >= total_steps:
                 break
@@ -257,14 +265,14 @@ def train(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
         "recipe_hash": recipe.run_hash(),
         "recipe": resolved,
     }
-    check_replicas_agree(accelerator, accelerator.unwrap_model(model))
+    check_replicas_agree(accelerator, unwrapped(accelerator, model))
     # FSDP and DeepSpeed ZeRO-3 hold shards: the full state is gathered collectively, on every process
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     full_state = accelerator.get_state_dict(model) if sharded else None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         checkpoint.save_final(
-            accelerator.unwrap_model(model), tokenizer, task, recipe, method.name, out / "model", full_state,
+            unwrapped(accelerator, model), tokenizer, task, recipe, method.name, out / "model", full_state,
             base_model=model_path if recipe.model.from_scratch or recipe.model.encoder_decoder_from else None,
         )  # fmt: skip
         checkpoint.write_json_atomic(out / "results.json", results)
@@ -359,6 +367,8 @@ def make_accelerator(t: TrainingConfig, out: Path) -> Accelerator:
         # `accelerate launch --multi_gpu` on a machine without GPUs starts torchrun processes that accelerate 1.15
         # would run as unrelated single processes; cpu=True makes them one gloo process group
         cpu=launched > 1 and not has_device,
+        # regional compilation compiles one encoder/decoder block and reuses it for the others (minutes less on a CPU)
+        dynamo_plugin=TorchDynamoPlugin(backend="inductor", use_regional_compilation=True) if t.compile else None,
     )
     if accelerator.num_processes != launched:
         raise RuntimeError(
@@ -366,6 +376,12 @@ def make_accelerator(t: TrainingConfig, out: Path) -> Accelerator:
             "they would train independently and write over each other's files"
         )
     return accelerator
+
+
+def unwrapped(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """The model itself, without accelerate's (DDP, autocast) or torch.compile's wrappers: its own state-dict keys and
+    methods (save_pretrained, PEFT's update_and_allocate)."""
+    return accelerator.unwrap_model(model, keep_torch_compile=False)
 
 
 def check_replicas_agree(accelerator: Accelerator, model: torch.nn.Module) -> None:

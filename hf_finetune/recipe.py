@@ -179,6 +179,10 @@ class TrainingConfig:
     """Autocast dtype. `auto`: bf16 on a GPU or CPU that has native bf16 units, else fp32."""
     max_length: int | None = None
     """Truncate inputs to this many tokens (default: the task's own, 128 for classification, 384 for QA)."""
+    compile: bool = False
+    """Compile the model with `torch.compile` (inductor; accelerate's regional compilation, one graph per repeated
+    block). Opt-in: it pays on GPUs over long runs; on a 2-core CPU compiling costs more than a short run gains
+    (docs/benchmarks.md). Bucketed batch widths (multiples of 8 on GPUs) keep recompiles few."""
     group_by_length: bool = True
     """Batch examples of similar length together (less padding, same randomness per epoch)."""
     eval_every: int | None = None

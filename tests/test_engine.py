@@ -13,6 +13,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import hf_finetune.engine as engine
 from hf_finetune.checkpoint import load_final
+from hf_finetune.evaluation import evaluate_checkpoint
 from hf_finetune.merging import merge_checkpoint
 from hf_finetune.recipe import recipe_from_dict
 
@@ -156,3 +157,22 @@ def test_warmup_defaults_to_the_methods_own(
     warm = int(warmup * 20)
     expected = 1e-3 * (2 / warm if 2 < warm else (20 - 2) / (20 - warm))
     assert lr_after_2 == pytest.approx(expected)
+
+
+def test_compiled_training_saves_the_plain_model(tiny_bert: Path, data_dir: Path, tmp_path: Path) -> None:
+    """`training.compile=true` trains through torch.compile (accelerate's regional compilation): graphs are compiled,
+    and the saved adapter has the plain model's keys and, reloaded without compiling, scores the validation split as
+    the compiled model did at the end of training."""
+    torch._dynamo.reset()
+    raw = tiny_recipe(
+        tiny_bert, data_dir, tmp_path / "run", **{"method.name": "lora", "training.max_steps": 4, "training.compile": True}
+    )
+    raw["training"]["lr"] = LRS["lora"]
+    recipe = recipe_from_dict(raw)
+    results = engine.train(recipe)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
+    _, model, _, _ = load_final(str(tmp_path / "run" / "model"))
+    assert not any("_orig_mod" in k for k in model.state_dict())
+    eager = evaluate_checkpoint(recipe, str(tmp_path / "run" / "model"))["metrics"]
+    assert eager["eval_loss"] == pytest.approx(results["metrics"]["eval_loss"], abs=1e-5)
+    assert eager["accuracy"] == results["metrics"]["accuracy"]
