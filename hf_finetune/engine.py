@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import (
     DataLoaderConfiguration,
     DistributedType,
@@ -355,6 +356,10 @@ def make_accelerator(t: TrainingConfig, out: Path) -> Accelerator:
     has_device = (
         torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
     )
+    # accelerate keeps one AcceleratorState per process, and it holds the first Accelerator's mixed precision and
+    # dynamo plugin: a second run in the same process (a notebook, a script calling train twice) would silently keep
+    # them. Reset it so that each run gets its own recipe's; the process group (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(
         gradient_accumulation_steps=t.grad_accum,
         mixed_precision=choose_precision(t.precision),

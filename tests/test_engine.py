@@ -176,3 +176,15 @@ def test_compiled_training_saves_the_plain_model(tiny_bert: Path, data_dir: Path
     eager = evaluate_checkpoint(recipe, str(tmp_path / "run" / "model"))["metrics"]
     assert eager["eval_loss"] == pytest.approx(results["metrics"]["eval_loss"], abs=1e-5)
     assert eager["accuracy"] == results["metrics"]["accuracy"]
+
+
+def test_runs_in_one_process_each_get_their_own_precision(tiny_bert: Path, data_dir: Path, tmp_path: Path) -> None:
+    """accelerate keeps one AcceleratorState per process; the engine resets it per run, so a second run with another
+    precision neither fails nor inherits the first one's."""
+    done = {}
+    for precision in ("bf16", "fp32"):
+        raw = tiny_recipe(
+            tiny_bert, data_dir, tmp_path / precision, **{"training.max_steps": 2, "training.precision": precision}
+        )
+        done[precision] = engine.train(recipe_from_dict(raw))["precision"]
+    assert done == {"bf16": "bf16", "fp32": "no"}
