@@ -52,7 +52,7 @@ def main() -> None:
     parser.add_argument("--peft-casts", action="store_true", help="keep PEFT's input casts under bf16")
     parser.add_argument(
         "--pad-to", type=int, help="pad each batch's width to a multiple of this (0: the longest row's width) instead "
-        "of the engine's CPU width buckets (hf_finetune/padding.py)"
+        "of the width buckets the engine uses in bf16 (hf_finetune/padding.py; fp32 pads to the longest row)"
     )  # fmt: skip
     parser.add_argument("--batches", type=int, default=63)
     parser.add_argument("--profile", action="store_true")
