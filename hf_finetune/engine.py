@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 from accelerate.utils import (
     DataLoaderConfiguration,
     DistributedType,
@@ -42,7 +41,7 @@ from hf_finetune.methods import (
 from hf_finetune.padding import MULTIPLE
 from hf_finetune.recipe import Recipe, TrainingConfig
 from hf_finetune.sampling import LengthGroupedSampler, eval_loader
-from hf_finetune.system import choose_precision, limit_ideep_cache, peak_memory_mb, versions
+from hf_finetune.system import choose_precision, peak_memory_mb, prepare_run, versions
 from hf_finetune.tasks import TASKS, get_task
 
 
@@ -56,7 +55,6 @@ def train(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
     """Run the recipe; `overwrite` lets it replace a finished run in `output_dir` (otherwise refused)."""
     t = recipe.training
     out = Path(recipe.output_dir)
-    limit_ideep_cache()
     accelerator = make_accelerator(t, out)
     world = accelerator.num_processes
     set_seed(t.seed)
@@ -356,10 +354,7 @@ def make_accelerator(t: TrainingConfig, out: Path) -> Accelerator:
     has_device = (
         torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
     )
-    # accelerate keeps one AcceleratorState per process, and it holds the first Accelerator's mixed precision and
-    # dynamo plugin: a second run in the same process (a notebook, a script calling train twice) would silently keep
-    # them. Reset it so that each run gets its own recipe's; the process group (PartialState) is kept.
-    AcceleratorState._reset_state(reset_partial_state=False)
+    prepare_run()  # this recipe's precision and dynamo plugin, not a previous run's; ideep's cache capped
     accelerator = Accelerator(
         gradient_accumulation_steps=t.grad_accum,
         mixed_precision=choose_precision(t.precision),

@@ -6,18 +6,16 @@ import dataclasses
 from typing import Any
 
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 
 from hf_finetune.checkpoint import load_final
 from hf_finetune.data import load_splits
 from hf_finetune.recipe import Recipe
 from hf_finetune.sampling import eval_loader
-from hf_finetune.system import choose_precision, limit_ideep_cache
+from hf_finetune.system import choose_precision, prepare_run
 
 
 def evaluate_checkpoint(recipe: Recipe, checkpoint: str) -> dict[str, Any]:
-    limit_ideep_cache()
-    AcceleratorState._reset_state(reset_partial_state=False)  # this recipe's precision, as engine.make_accelerator
+    prepare_run()
     accelerator = Accelerator(mixed_precision=choose_precision(recipe.training.precision))
     task, model, tokenizer, info = load_final(checkpoint, recipe)
     if hasattr(task, "attach_tokenizer"):

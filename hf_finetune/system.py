@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
 import resource
@@ -39,18 +40,41 @@ def choose_precision(precision: str) -> str:
     return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
 
 
-def limit_ideep_cache() -> None:
-    """Keep ideep's per-shape matmul cache to one entry, unless the user has set LRU_CACHE_CAPACITY.
+def prepare_run() -> None:
+    """Process-wide settings each run (training or evaluation) needs before it builds its Accelerator and runs its
+    first forward pass.
 
-    On a CPU, torch runs bf16 matmuls through ideep, which keeps each shape's oneDNN primitive in an LRU of 1,024
-    entries (ideep's `LRU_CACHE_CAPACITY`, pytorch/pytorch#27971), beside oneDNN's own primitive cache, which already
-    keeps every compiled kernel. Each new batch width makes new shapes, a brgemm matmul's descriptor holds ~250 KB
-    (heaptrack), and ideep kept a second one per shape: LoRA, with twice full fine-tuning's matmul shapes, gave back in
-    descriptors what it saved on gradients and Adam state. With one entry oneDNN's cache still serves every kernel:
-    on the SST-2 bench peak RSS fell by ~190 MB (LoRA) and ~30 MB (full) at unchanged speed (docs/benchmarks.md,
-    issue #8). ideep reads the variable at its first matmul, so this must run before the first forward pass.
+    - accelerate keeps one AcceleratorState per process, holding the first Accelerator's mixed precision and dynamo
+      plugin: a second run in the same process (a notebook, a script calling train twice) would silently keep them.
+      It is reset so that each run gets its own recipe's; the process group (PartialState) is kept.
+    - ideep's per-shape matmul cache is kept to one entry, unless the user has set LRU_CACHE_CAPACITY. On a CPU, torch
+      runs bf16 matmuls through ideep, which keeps each shape's oneDNN primitive in an LRU of 1,024 entries
+      (pytorch/pytorch#27971), beside oneDNN's own primitive cache, which already keeps every compiled kernel. Each new
+      batch width makes new shapes, a brgemm matmul's descriptor holds ~250 KB (heaptrack), and ideep kept a second
+      one per shape: LoRA, with twice full fine-tuning's matmul shapes, gave back in descriptors what it saved on
+      gradients and Adam state. With one entry oneDNN's cache still serves every kernel: on the SST-2 bench peak RSS
+      fell by ~190 MB (LoRA) and ~30 MB (full) at unchanged speed (docs/benchmarks.md, issue #8). ideep reads the
+      variable at its first matmul.
     """
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
     os.environ.setdefault("LRU_CACHE_CAPACITY", "1")
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")
+    ]  # fmt: skip
+
+
+def glibc_heap_mb() -> dict[str, float]:
+    """glibc's `mallinfo2` in MB: heap in use, freed but kept, and mmapped (for the memory benchmarks; Linux/glibc)."""
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = _MallInfo2
+    m = libc.mallinfo2()
+    return {"in_use": m.uordblks / 2**20, "free": m.fordblks / 2**20, "mmapped": m.hblkhd / 2**20}
 
 
 def peak_memory_mb(device: torch.device) -> float:

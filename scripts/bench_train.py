@@ -170,7 +170,7 @@ def apply_patches(patches: list[str]) -> None:
             # read by oneDNN when it builds its first kernel, which has not happened yet in this child
             os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = "256"
         elif patch == "ideep_cache1024":
-            # torch's default; the engine keeps a value already set (hf_finetune.system.limit_ideep_cache)
+            # torch's default; the engine keeps a value already set (hf_finetune.system.prepare_run)
             os.environ["LRU_CACHE_CAPACITY"] = "1024"
         elif patch == "compile":
 

@@ -16,7 +16,6 @@ torch's default).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import resource
 import time
@@ -30,15 +29,8 @@ from hf_finetune.hub import resolve_model
 from hf_finetune.methods import apply_method, leave_input_casts_to_autocast, resolve_method
 from hf_finetune.padding import BucketedPadding
 from hf_finetune.recipe import MethodConfig
-from hf_finetune.system import limit_ideep_cache
+from hf_finetune.system import glibc_heap_mb, prepare_run
 from hf_finetune.tasks.classification import ClassificationTask
-
-
-class MallInfo2(ctypes.Structure):
-    _fields_ = [
-        (name, ctypes.c_size_t)
-        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")
-    ]  # fmt: skip
 
 
 def main() -> None:
@@ -58,7 +50,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
 
-    limit_ideep_cache()
+    prepare_run()  # ideep's cache as the engine keeps it
     path = resolve_model("sentence-transformers/all-MiniLM-L6-v2")
     tokenizer = AutoTokenizer.from_pretrained(path)
     torch.manual_seed(0)
@@ -99,12 +91,10 @@ def main() -> None:
         step(batch)
     ms = (time.perf_counter() - start) / len(batches) * 1e3
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    info = ctypes.CDLL("libc.so.6")
-    info.mallinfo2.restype = MallInfo2
-    m = info.mallinfo2()
+    heap = glibc_heap_mb()
     print(f"{args.method} {args.precision}: {ms:.1f} ms/step over {len(batches)} batches, peak RSS {peak:,.0f} MB; "
-          f"glibc heap in use {m.uordblks / 2**20:,.0f} MB, free {m.fordblks / 2**20:,.0f} MB, "
-          f"mmapped {m.hblkhd / 2**20:,.0f} MB")  # fmt: skip
+          f"glibc heap in use {heap['in_use']:,.0f} MB, free {heap['free']:,.0f} MB, "
+          f"mmapped {heap['mmapped']:,.0f} MB")  # fmt: skip
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
