@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from peft import PeftModel, get_peft_model_state_dict
 from peft.utils import SAFETENSORS_WEIGHTS_NAME as SAFE_ADAPTER_NAME
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -26,7 +25,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from hf_finetune.errors import InputError
 from hf_finetune.hub import resolve_model
-from hf_finetune.methods.prefix import SoftPromptWrapper, saved_wrapper
+from hf_finetune.methods import Method, get_method
 from hf_finetune.recipe import Recipe, recipe_from_dict
 from hf_finetune.tasks import Task, get_task
 
@@ -140,9 +139,9 @@ def find_resume_checkpoint(out: Path, resume: bool | str) -> Path | None:
 
 
 def load_state(
-    accelerator: Accelerator, folder: Path, global_batch: int, hook: Any, model: torch.nn.Module
+    accelerator: Accelerator, folder: Path, global_batch: int, method: Method, model: torch.nn.Module
 ) -> dict[str, Any]:
-    """Restore model, optimizer, scheduler, every process's RNG states and the method hook's state; returns the loop's
+    """Restore model, optimizer, scheduler, every process's RNG states and the method's own state; returns the loop's
     own state.
 
     accelerate reads optimizer, scheduler and RNG files with `torch.load(weights_only=True)` plus an allow-list of
@@ -155,10 +154,10 @@ def load_state(
             f"{global_batch} (batch_size x processes x grad_accum); resume with the same settings"
         )
     accelerator.load_state(str(folder))
-    if (folder / HOOK_STATE_NAME).is_file() and hasattr(hook, "load_state_dict"):
+    if (folder / HOOK_STATE_NAME).is_file():
         with safe_open(str(folder / HOOK_STATE_NAME), framework="pt") as f:
             meta = json.loads(f.metadata()["state"])
-        hook.load_state_dict(model, load_file(str(folder / HOOK_STATE_NAME)), meta)
+        method.load_extra_state(model, load_file(str(folder / HOOK_STATE_NAME)), meta)
     return state
 
 
@@ -168,7 +167,7 @@ def save_state(
     state: dict[str, Any],
     keep: int | None,
     higher_is_better: bool,
-    hook: Any = None,
+    method: Method | None = None,
     model: torch.nn.Module | None = None,
 ) -> Path:
     """Model/adapter, optimizer, scheduler and RNG states (accelerate), plus the loop's `state` (step, running loss,
@@ -184,11 +183,11 @@ def save_state(
         if accelerator.is_main_process:
             if not any(f.stat().st_size for f in tmp.glob("*model*")):
                 raise RuntimeError(f"{tmp}: accelerate wrote no model weights into the checkpoint")
-            if hasattr(hook, "state_dict"):
-                # a method hook's own state (AdaLoRA's allocator) as safetensors, so resuming unpickles nothing of ours
-                tensors, meta = hook.state_dict(model)
-                tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-                save_file(tensors, str(tmp / HOOK_STATE_NAME), metadata={"state": json.dumps(meta)})
+            extra = method.extra_state(model) if method is not None else None
+            if extra is not None:
+                # a method's own state as safetensors, so resuming unpickles nothing of ours
+                tensors = {k: v.detach().contiguous().cpu() for k, v in extra[0].items()}
+                save_file(tensors, str(tmp / HOOK_STATE_NAME), metadata={"state": json.dumps(extra[1])})
             (tmp / STATE_NAME).write_text(json.dumps(state))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
@@ -219,43 +218,39 @@ def save_final(
     tokenizer: PreTrainedTokenizerBase,
     task: Task,
     recipe: Recipe,
-    method: str,
+    method: Method,
     target: Path,
     state_dict: dict[str, torch.Tensor] | None = None,
     base_model: str | None = None,
 ) -> None:
-    """HF-format folder: adapter only for PEFT methods, the whole model (safetensors) for full fine-tuning.
+    """HF-format folder: the method's weights (an adapter for PEFT methods, the whole model for full fine-tuning,
+    safetensors either way), the tokenizer, and what rebuilds the task.
 
     `state_dict` is the gathered full state under FSDP/DeepSpeed, where the model's own parameters are shards."""
     tmp = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     with disk_errors(target, tmp):
-        model.save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
+        method.save(model, tmp, state_dict)
         tokenizer.save_pretrained(tmp)
         info = {
             "task": recipe.task,
-            "method": method,
+            "method": method.name,
             # what an adapter applies to: the recipe's model, or the from-scratch run's init/ folder
             "base_model": base_model or recipe.model.name_or_path,
             "recipe": recipe.to_dict(),
         }
         (tmp / INFO_NAME).write_text(json.dumps({**info, **task.checkpoint_info()}, indent=2, default=str))
-        verify_saved(model, tmp, compare=state_dict is None)
+        verify_saved(method, model, tmp, compare=state_dict is None)
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
 
 
-def verify_saved(model: torch.nn.Module, folder: Path, compare: bool = True) -> None:
+def verify_saved(method: Method, model: torch.nn.Module, folder: Path, compare: bool = True) -> None:
     """Read back what was just saved: an empty or partial adapter (the classic result of saving a still-wrapped
     DDP/FSDP model) must fail the run now, loudly, not at the next load."""
-    if isinstance(model, PeftModel):
-        weights, expected = folder / SAFE_ADAPTER_NAME, get_peft_model_state_dict(model)
-    elif isinstance(model, SoftPromptWrapper):
-        weights, expected = folder / model.WEIGHTS_NAME, model._trainable_state()
-    else:
-        weights, expected = folder / "model.safetensors", None
-        if not weights.exists() and (folder / "model.safetensors.index.json").exists():
-            return  # sharded: transformers wrote and indexed every shard itself
+    weights, expected = method.saved_weights(model, folder)
+    if not weights.exists() and weights.with_name(f"{weights.name}.index.json").exists():
+        return  # sharded: transformers wrote and indexed every shard itself
     if not weights.is_file():
         raise RuntimeError(f"{weights}: not written by save_pretrained")
     loaded = load_file(str(weights))
@@ -289,38 +284,17 @@ def load_final(path: str | Path, recipe: Recipe | None = None) -> tuple[Task, to
     folder = find_model_dir(path)
     info = json.loads((folder / INFO_NAME).read_text())
     recipe = recipe or recipe_from_dict(info["recipe"], source=str(folder / INFO_NAME))
-    task = get_task(recipe)
-    task.restore(info)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    if (folder / "adapter_config.json").exists():
-        if not (folder / SAFE_ADAPTER_NAME).is_file():
-            raise InputError(
-                f"checkpoint: {folder} has no {SAFE_ADAPTER_NAME}; only safetensors weights are loaded"
-            )
-        base = task.load_model(resolve_model(info["base_model"], recipe.model.revision))
-        model = PeftModel.from_pretrained(base, folder)
-    elif wrapper := saved_wrapper(folder):
-        base = task.load_model(resolve_model(info["base_model"], recipe.model.revision))
-        model = wrapper.from_pretrained(base, folder)
-    else:
-        model = task.load_model(str(folder))
-    return task, model.eval(), tokenizer, info
-
-
-def load_causal_lm(path: str | Path) -> tuple[torch.nn.Module, Any]:
-    """(model, tokenizer) for generation: a causal-LM run (plain or PEFT, prefix tuning included) or any HF folder."""
-    from transformers import AutoModelForCausalLM
-
-    folder = Path(path)
-    if any((c / INFO_NAME).exists() for c in (folder, folder / "model")):
-        task, model, tokenizer, info = load_final(folder)
-        if info["task"] != "causal_lm":
-            raise InputError(f"generate: {path} was trained for task {info['task']}, not causal_lm")
-    elif (folder / "config.json").is_file():
-        model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True).eval()
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-    else:
-        raise InputError(f"generate: {path} is neither a run's output_dir nor a model folder with config.json")
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token  # GPT-style tokenizers ship without one; batches need it
-    return model, tokenizer
+    task = get_task(recipe, tokenizer)
+    task.restore(info)
+    if (folder / "adapter_config.json").exists() and not (folder / SAFE_ADAPTER_NAME).is_file():
+        raise InputError(f"checkpoint: {folder} has no {SAFE_ADAPTER_NAME}; only safetensors weights are loaded")
+    method = get_method(info["method"])
+    if method.saves_whole_model:
+        model = task.load_model(str(folder))
+    else:
+        base = task.load_model(resolve_model(info["base_model"], recipe.model.revision))
+        model = method.load(base, folder)
+    return task, model.eval(), tokenizer, info

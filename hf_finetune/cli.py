@@ -10,18 +10,15 @@ from pathlib import Path
 
 from hf_finetune.errors import InputError
 
-EPILOG = """tasks: classification, question_answering, causal_lm, masked_lm, translation, summarization
-methods: full, lora, adalora, prefix, prompt, ia3, dora
-
-examples:
-  hf-finetune train recipes/classification/sst2.yaml method.name=lora training.epochs=1 output_dir=runs/sst2
+EPILOG = """examples:
+  hf-finetune train recipes/classification/sst2.yaml method.name={default} training.epochs=1 output_dir=runs/sst2
   hf-finetune eval recipes/classification/sst2.yaml checkpoint=runs/sst2
   hf-finetune predict recipes/classification/sst2.yaml checkpoint=runs/sst2 --input in.jsonl --output out.jsonl
   hf-finetune merge runs/sst2 --output runs/sst2-merged
   hf-finetune average runs/multi30k --last 5 --output runs/multi30k-avg5
-  hf-finetune compare recipes/classification/sst2.yaml --methods full,lora,adalora,prefix --seeds 1,2,3 \
+  hf-finetune compare recipes/classification/sst2.yaml --methods {compared} --seeds 1,2,3 \
       data.train.max_samples=4000 output_dir=runs/sst2-compare
-  hf-finetune train recipes/question_answering/squad.yaml method.name=full output_dir=runs/squad
+  hf-finetune train recipes/question_answering/squad.yaml output_dir=runs/squad
   hf-finetune train recipes/language_modeling/gpt_pretrain.yaml output_dir=runs/gpt
   hf-finetune generate runs/gpt --prompt "It was" --max-new-tokens 40 --temperature 0.8 --top-p 0.95
   hf-finetune make-tiny --arch gpt2 --output tiny-gpt2
@@ -30,11 +27,22 @@ examples:
 exit codes: 0 done, 2 bad input (one line on stderr naming the file, key or row), 1 anything else"""
 
 
+def epilog() -> str:
+    """The help's closing text: the tasks and methods from their registries, then examples and exit codes."""
+    from hf_finetune.methods.registry import COMPARED_BY_DEFAULT, DEFAULT_METHOD, METHOD_NAMES
+    from hf_finetune.tasks import TASK_NAMES
+
+    examples = EPILOG.format(default=DEFAULT_METHOD, compared=",".join(COMPARED_BY_DEFAULT))
+    return f"tasks: {', '.join(TASK_NAMES)}\nmethods: {', '.join(METHOD_NAMES)}\n\n{examples}"
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from hf_finetune.methods.registry import COMPARED_BY_DEFAULT, DEFAULT_METHOD
+
     parser = argparse.ArgumentParser(
         prog="hf-finetune",
         description="Fine-tune Hugging Face checkpoints with full fine-tuning or PEFT methods on one Accelerate loop.",
-        epilog=EPILOG,
+        epilog=epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -68,14 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare.add_argument("recipe")
     compare.add_argument("overrides", **overrides)
-    compare.add_argument("--methods", help="comma-separated, e.g. full,lora,adalora,prefix (default: the recipe's "
-                         "compare.methods, else full,lora,adalora,prefix)")  # fmt: skip
+    compare.add_argument("--methods", help="comma-separated method names (default: the recipe's compare.methods, "
+                         f"else {','.join(COMPARED_BY_DEFAULT)})")  # fmt: skip
     compare.add_argument(
         "--seeds", help="comma-separated seeds, e.g. 1,2,3 (default: compare.seeds or training.seed)"
     )
     compare.add_argument(
         "--set", action="append", default=[], metavar="METHOD.key=value",
-        help="override for one method only, e.g. --set lora.training.lr=3e-4 (repeatable)",
+        help=f"override for one method only, e.g. --set {DEFAULT_METHOD}.training.lr=3e-4 (repeatable)",
     )  # fmt: skip
     compare.add_argument(
         "--budget-matched", action="store_true",
@@ -110,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--max-positions", type=int, default=128)
     tiny.add_argument("--seed", type=int, default=0)
 
-    merge = sub.add_parser("merge", help="fold a LoRA-family adapter into a plain HF model folder")
+    merge = sub.add_parser("merge", help="fold a trained adapter into a plain HF model folder (mergeable methods)")
     merge.add_argument("checkpoint", help="a run's output_dir or its model/ folder")
     merge.add_argument("--output", required=True)
 
@@ -182,8 +190,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     checkpoint, overrides = _split_checkpoint(args.overrides)
     rows = read_jsonl(Path(args.input))
-    task, model, tokenizer, _ = load_final(checkpoint, load_recipe(args.recipe, overrides))
-    predictions = task.predict(model, tokenizer, rows)
+    task, model, _, _ = load_final(checkpoint, load_recipe(args.recipe, overrides))
+    predictions = task.predict(model, rows)
     out = Path(args.output)
     tmp = out.with_name(f".{out.name}.tmp")
     with tmp.open("w") as f:
@@ -239,8 +247,7 @@ def cmd_average(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from hf_finetune.checkpoint import load_causal_lm
-    from hf_finetune.tasks.language_modeling import generate
+    from hf_finetune.tasks.language_modeling import generate, load_generator
 
     if args.input and not args.output:
         raise InputError("generate --input needs --output")
@@ -248,7 +255,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for i, row in enumerate(rows):
         if not isinstance(row.get("prompt"), str):
             raise InputError(f"{args.input} row {i + 1}: no 'prompt' text field")
-    model, tokenizer = load_causal_lm(args.checkpoint)
+    model, tokenizer = load_generator(args.checkpoint)
     texts = generate(
         model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, top_p=args.top_p, num_beams=args.num_beams, seed=args.seed,

@@ -13,7 +13,6 @@ import copy
 import csv
 import dataclasses
 import json
-import math
 import os
 import platform
 import shlex
@@ -25,9 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from hf_finetune.errors import InputError
+from hf_finetune.methods import get_method
+from hf_finetune.methods.registry import COMPARED_BY_DEFAULT
 from hf_finetune.recipe import Recipe, apply_override, read_recipe, recipe_from_dict
+from hf_finetune.tasks import TASKS
 
-DEFAULT_METHODS = ("full", "lora", "adalora", "prefix")
 # columns of the per-run table, in order; every value comes from the run's results.json (or its model folder)
 NUMBERS = (
     "trainable_params",
@@ -66,7 +67,7 @@ def plan(
     for item in overrides:
         apply_override(raw, item)
     base = recipe_from_dict(copy.deepcopy(raw), source=recipe_path)
-    methods = methods or base.compare.methods or list(DEFAULT_METHODS)
+    methods = methods or base.compare.methods or list(COMPARED_BY_DEFAULT)
     seeds = seeds or base.compare.seeds or [base.training.seed]
     sets: dict[str, list[str]] = {m: list(v) for m, v in base.compare.overrides.items()}
     for item in per_method:
@@ -88,7 +89,7 @@ def plan(
             apply_override(run_raw, f"method.name={method}")
             apply_override(run_raw, f"training.seed={seed}")
             if budget_matched:
-                for item in _budget(base, method):
+                for item in get_method(method).budget_overrides(base.method):
                     apply_override(run_raw, item)
             for item in sets.get(method, []):
                 apply_override(run_raw, item)
@@ -97,24 +98,6 @@ def plan(
             recipe = recipe_from_dict(run_raw, source=f"{recipe_path} ({method}, seed {seed})")
             runs.append(Run(method, seed, recipe, out))
     return base, runs
-
-
-def _budget(base: Recipe, method: str) -> list[str]:
-    """--budget-matched: LoRA and AdaLoRA train the same number of parameters. AdaLoRA trains init_r-rank triplets
-    (A, E, B) and prunes them to an average of target_r, so init_r takes LoRA's rank and target_r two thirds of it
-    (the AdaLoRA paper's 12 -> 8, Zhang et al. 2023, Table 10); both adapt the same modules."""
-    from hf_finetune.methods import resolve_method
-
-    lora = resolve_method(dataclasses.replace(base.method, name="lora"), total_steps=1)
-    if method == "lora":
-        return [f"method.r={lora.r}", f"method.target_modules={json.dumps(lora.target_modules)}"]
-    if method == "adalora":
-        return [
-            f"method.r={lora.r}",
-            f"method.target_r={max(1, round(2 * lora.r / 3))}",
-            f"method.target_modules={json.dumps(lora.target_modules)}",
-        ]
-    return []
 
 
 def execute(runs: list[Run], train_fn: Any = None) -> None:
@@ -200,52 +183,13 @@ def row(run: Run, primary: str) -> dict[str, Any]:
     out["quality"] = r.get("metrics", {}).get(primary)
     out["trainable_params"] = r["trainable_params"]
     out["trainable_share"] = r["trainable_params"] / r["total_params"]
-    out["final_trainable_params"] = _final_trainable(run)
+    out["final_trainable_params"] = get_method(run.method).final_trainable(run.out / "model", r["trainable_params"])
     for key in ("train_runtime_s", "train_samples_per_s", "train_tokens_per_s", "peak_memory_mb", "steps"):
         out[key] = r[key]
     model_dir = run.out / "model"
     out["model_size_mb"] = sum(f.stat().st_size for f in model_dir.rglob("*") if f.is_file()) / 2**20
     out["lr"] = r["recipe"]["training"]["lr"]
     return out
-
-
-def _final_trainable(run: Run) -> int:
-    """AdaLoRA's parameters left after pruning (ranks kept x (in + out + 1) plus what trains in full); the run's
-    trainable count for every other method."""
-    trainable = run.results["trainable_params"]
-    config_file = run.out / "model" / "adapter_config.json"
-    if run.method != "adalora" or not config_file.exists():
-        return trainable
-    from safetensors import safe_open
-
-    pattern = json.loads(config_file.read_text()).get("rank_pattern") or {}
-    weights = run.out / "model" / "adapter_model.safetensors"
-    removed = 0
-    with safe_open(str(weights), "pt") as f:
-        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
-    for key, mask in pattern.items():
-        module = key.removesuffix(".lora_E")
-        a = next(
-            (
-                s
-                for k, s in shapes.items()
-                if k.endswith(f"{module}.lora_A.weight") or k.endswith(f"{module}.lora_A")
-            ),
-            None,
-        )
-        b = next(
-            (
-                s
-                for k, s in shapes.items()
-                if k.endswith(f"{module}.lora_B.weight") or k.endswith(f"{module}.lora_B")
-            ),
-            None,
-        )
-        if a is None or b is None:
-            continue
-        pruned = len(mask) - sum(bool(m) for m in mask)
-        removed += pruned * (a[1] + b[0] + 1)
-    return trainable - removed
 
 
 def summarise(rows: list[dict[str, Any]], methods: list[str]) -> list[dict[str, Any]]:
@@ -312,9 +256,7 @@ def write_outputs(
     summary = summarise(rows, methods)
     env = environment(base)
     # the front is taken on "better" quality: perplexity counts down
-    from hf_finetune.tasks import get_task
-
-    sign = 1.0 if get_task(base).higher_is_better else -1.0
+    sign = 1.0 if TASKS[base.task].higher_is_better() else -1.0
     points = [
         (s["method"], s["trainable_params"], sign * s["quality"])
         for s in summary
@@ -469,22 +411,29 @@ def plots(
 
 
 def dry_run(base: Recipe, runs: list[Run]) -> str:
-    """The plan: each run's method, seed, hyperparameters and optimizer steps, and whether it would be reused."""
-    from hf_finetune.data import load_split
-    from hf_finetune.engine import steps_per_epoch
-    from hf_finetune.methods import default_lr, resolve_method
+    """The plan: each run's method, seed, hyperparameters and optimizer steps (the engine's own count: the task's rows
+    after packing or windowing, over the launcher's processes), and whether it would be reused."""
+    from hf_finetune.engine import plan_schedule
 
-    train_rows = len(load_split(base.data.train, "data.train"))
-    lines = [f"{len(runs)} runs into {base.output_dir} ({train_rows} training rows before task filtering)"]
+    schedules: dict[str, Any] = {}
+    lines = [f"{len(runs)} runs into {base.output_dir}"]
     for run in runs:
         t = run.recipe.training
-        steps = t.max_steps or math.ceil(steps_per_epoch(train_rows, t.batch_size, t.grad_accum) * t.epochs)
-        method = resolve_method(run.recipe.method, steps)
-        params = {k: v for k, v in dataclasses.asdict(method).items() if v is not None and k != "name"}
+        # runs differ in method and seed, rarely in what decides the step count: compute it once per distinct input
+        key = json.dumps([run.recipe.to_dict()[k] for k in ("task", "model", "data", "lm", "qa", "seq2seq")], default=str)
+        key += json.dumps([t.batch_size, t.grad_accum, t.max_steps, t.epochs, t.max_length])
+        if key not in schedules:
+            schedules[key] = plan_schedule(run.recipe)
+        steps = schedules[key].total_steps
+        method = get_method(run.method)
+        params = {
+            k: v for k, v in dataclasses.asdict(method.resolve(run.recipe.method, steps)).items()
+            if v is not None and k != "name"
+        }  # fmt: skip
         state = "reuse" if _finished(run) is not None else "train"
         lines.append(
-            f"  {run.method:8s} seed {run.seed}: {state}, lr {t.lr or default_lr(run.method):g}, batch {t.batch_size}"
-            f" x {t.grad_accum}, ~{steps} steps, {params} -> {run.out}"
+            f"  {run.method:8s} seed {run.seed}: {state}, lr {t.lr or method.defaults['lr']:g}, batch {t.batch_size}"
+            f" x {t.grad_accum}, {steps} steps, {params} -> {run.out}"
         )
     return "\n".join(lines)
 
@@ -504,9 +453,7 @@ def compare(
     if dry:
         print(dry_run(base, runs))
         return {"runs": runs, "paths": {}}
-    from hf_finetune.tasks import get_task
-
-    primary = get_task(base).primary_metric
+    primary = TASKS[base.task].primary_metric
     execute(runs, train_fn)
     command = command or "hf-finetune compare " + shlex.join(sys.argv[2:])
     method_names = list(dict.fromkeys(r.method for r in runs))

@@ -6,12 +6,15 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import datasets
 from datasets import Dataset, DatasetDict
 
 from hf_finetune.errors import InputError
-from hf_finetune.recipe import DataConfig, SplitConfig
+
+if TYPE_CHECKING:
+    from hf_finetune.recipe import DataConfig, SplitConfig
 
 SPLITS = ("train", "validation", "test")
 # datasets' packaged builders, keyed by the file suffixes they read

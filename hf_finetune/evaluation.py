@@ -9,26 +9,28 @@ from accelerate import Accelerator
 
 from hf_finetune.checkpoint import load_final
 from hf_finetune.data import load_splits
+from hf_finetune.device import cpu_process_settings, padding_for
 from hf_finetune.recipe import Recipe
 from hf_finetune.sampling import eval_loader
 from hf_finetune.system import choose_precision, prepare_run
 
 
 def evaluate_checkpoint(recipe: Recipe, checkpoint: str) -> dict[str, Any]:
+    t = recipe.training
     prepare_run()
-    accelerator = Accelerator(mixed_precision=choose_precision(recipe.training.precision))
-    task, model, tokenizer, info = load_final(checkpoint, recipe)
-    if hasattr(task, "attach_tokenizer"):
-        task.attach_tokenizer(tokenizer)
-    raw = load_splits(dataclasses.replace(recipe.data, train=None))
-    task.prepare(raw)
-    encoded = task.preprocess(raw, tokenizer)
-    model = accelerator.prepare(model)
-    scores: dict[str, Any] = {"checkpoint": checkpoint, "method": info["method"]}
-    for split, key in (("validation", "metrics"), ("test", "test_metrics")):
-        if split in encoded:
-            loader = accelerator.prepare(
-                eval_loader(encoded[split], recipe.training.eval_batch, task.collator(tokenizer))
-            )
-            scores[key] = task.evaluate(model, loader, accelerator, split)
+    accelerator = Accelerator(mixed_precision=choose_precision(t.precision))
+    on_cpu = accelerator.device.type == "cpu"
+    with cpu_process_settings(on_cpu and t.cpu_tuning == "auto"):
+        task, model, tokenizer, info = load_final(checkpoint, recipe)
+        # the padding of this process's device, as training on it would pad
+        task.setup(tokenizer, padding_for(accelerator.device.type, accelerator.mixed_precision, t.cpu_tuning))
+        raw = load_splits(dataclasses.replace(recipe.data, train=None))
+        task.prepare(raw)
+        encoded = task.preprocess(raw)
+        model = accelerator.prepare(model)
+        scores: dict[str, Any] = {"checkpoint": checkpoint, "method": info["method"]}
+        for split, key in (("validation", "metrics"), ("test", "test_metrics")):
+            if split in encoded:
+                loader = accelerator.prepare(eval_loader(encoded[split], t.eval_batch, task.collator()))
+                scores[key] = task.evaluate(model, loader, accelerator, split)
     return scores

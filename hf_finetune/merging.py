@@ -1,4 +1,4 @@
-"""`hf-finetune merge`: a LoRA-family adapter folded into a plain HF model folder that loads without PEFT."""
+"""`hf-finetune merge`: a trained adapter folded into a plain HF model folder that loads without PEFT."""
 
 from __future__ import annotations
 
@@ -12,26 +12,31 @@ from peft import PeftModel
 
 from hf_finetune.checkpoint import INFO_NAME
 from hf_finetune.errors import InputError
-
-MERGEABLE = ("lora", "dora", "adalora", "ia3")
+from hf_finetune.methods import METHODS, get_method
 
 
 def merge_checkpoint(loaded: tuple[Any, Any, Any, dict], output: Path) -> Path:
     _, model, tokenizer, info = loaded
-    method = info["method"]
-    if method in ("prefix", "prompt"):
+    if output.exists():  # before any work, so nothing is left behind
+        raise InputError(f"merge: {output} already exists; choose a new --output")
+    name = info["method"]
+    method = get_method(name)
+    if method.adds_virtual_tokens:
         raise InputError(
-            f"merge: method '{method}' adds virtual tokens at run time; it has no weight update to fold into the model"
+            f"merge: method '{name}' adds virtual tokens at run time; it has no weight update to fold into the model"
         )
-    if method not in MERGEABLE or not isinstance(model, PeftModel):
-        raise InputError(f"merge: method '{method}' already saved a plain model; nothing to merge")
+    if not method.mergeable or not isinstance(model, PeftModel):
+        mergeable = ", ".join(n for n, m in METHODS.items() if m.mergeable)
+        raise InputError(f"merge: method '{name}' already saved a plain model; nothing to merge (mergeable: {mergeable})")
     merged = model.merge_and_unload()
     tmp = output.with_name(f".{output.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / INFO_NAME).write_text(json.dumps({**info, "method": "full", "merged_from": method}, indent=2))
-    if output.exists():
-        raise InputError(f"merge: {output} already exists; choose a new --output")
-    os.replace(tmp, output)
+    try:
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        full = next(n for n, m in METHODS.items() if m.saves_whole_model)
+        (tmp / INFO_NAME).write_text(json.dumps({**info, "method": full, "merged_from": name}, indent=2))
+        os.replace(tmp, output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return output

@@ -19,9 +19,9 @@ from typing import Any, Literal
 import yaml
 
 from hf_finetune.errors import InputError
+from hf_finetune.methods.registry import DEFAULT_METHOD, METHOD_NAMES
+from hf_finetune.tasks import DEFAULT_TASK, TASK_NAMES, TASKS
 
-TaskName = Literal["classification", "question_answering", "causal_lm", "masked_lm", "translation", "summarization"]
-MethodName = Literal["full", "lora", "adalora", "prefix", "prompt", "ia3", "dora"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Scheduler = Literal[
     "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt"
@@ -124,7 +124,8 @@ class DataConfig:
 class MethodConfig:
     """Which parameters train. Unset (null) fields take the method's own defaults, see `hf_finetune/methods/`."""
 
-    name: MethodName = "lora"
+    name: str = DEFAULT_METHOD
+    """One of the methods in `hf_finetune/methods/registry.py` (the README's methods table lists them)."""
     r: int | None = None
     """LoRA/DoRA rank; AdaLoRA's initial rank (`init_r`) when `init_r` is unset."""
     alpha: int | None = None
@@ -177,6 +178,10 @@ class TrainingConfig:
     seed: int = 42
     precision: Precision = "fp32"
     """Autocast dtype. `auto`: bf16 on a GPU or CPU that has native bf16 units, else fp32."""
+    cpu_tuning: Literal["auto", "off"] = "auto"
+    """On a CPU, `auto` applies the CPU tuning of `hf_finetune/device.py` (cheaper dropout masks, ideep's matmul cache
+    capped while the run starts, width buckets under bf16/fp16, PEFT's input casts left to autocast); `off` runs the
+    plain transformers/PEFT arithmetic. GPUs never use it."""
     max_length: int | None = None
     """Truncate inputs to this many tokens (default: the task's own, 128 for classification, 384 for QA)."""
     compile: bool = False
@@ -194,8 +199,9 @@ class TrainingConfig:
     save_total_limit: int | None = None
     """Keep only the newest N checkpoints, plus the best one by `best_metric` (null: keep all)."""
     best_metric: str = "eval_loss"
-    """Validation metric that picks the best checkpoint (`*loss*`: lower is better, else higher). A checkpoint is
-    scored when an evaluation runs at its step, so make `save_every` a multiple of `eval_every`."""
+    """Validation metric that picks the best checkpoint, one of the task's metrics; whether higher or lower is better
+    is the task's to say. A checkpoint is scored when an evaluation runs at its step, so make `save_every` a multiple
+    of `eval_every`."""
     skip_nonfinite_batches: bool = False
     """On a NaN/inf loss skip the batch (its accumulation window makes no update) instead of stopping the run."""
     label_smoothing: float = 0.0
@@ -266,8 +272,8 @@ class Seq2SeqConfig:
 class CompareConfig:
     """`hf-finetune compare` only; the command line's --methods, --seeds and --set take precedence."""
 
-    methods: list[MethodName] | None = None
-    """Methods to compare (default: full, lora, adalora, prefix)."""
+    methods: list[str] | None = None
+    """Methods to compare (default: those `hf_finetune/methods/registry.py` marks for comparison)."""
     seeds: list[int] | None = None
     """Seeds per method (default: the recipe's training.seed)."""
     overrides: dict[str, list[str]] = field(default_factory=dict)
@@ -276,7 +282,8 @@ class CompareConfig:
 
 @dataclass
 class Recipe:
-    task: TaskName = "classification"
+    task: str = DEFAULT_TASK
+    """One of the tasks in `hf_finetune/tasks/__init__.py`."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
@@ -437,9 +444,23 @@ def _coerce(hint: Any, value: Any, dotted: str, problems: list[str]) -> Any:
     return value
 
 
+def _one_of(key: str, value: str, names: tuple[str, ...]) -> list[str]:
+    if value in names:
+        return []
+    close = difflib.get_close_matches(str(value), list(names), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return [f"'{key}': {value!r} is not one of {', '.join(names)}{hint}"]
+
+
 def _check_values(recipe: Recipe) -> list[str]:
-    """Range checks that types alone cannot express."""
-    t, problems = recipe.training, []
+    """Range checks that types alone cannot express; each task checks its own sections."""
+    t = recipe.training
+    problems = _one_of("task", recipe.task, TASK_NAMES) + _one_of("method.name", recipe.method.name, METHOD_NAMES)
+    for i, name in enumerate(recipe.compare.methods or []):
+        problems += _one_of(f"compare.methods[{i}]", name, METHOD_NAMES)
+    if problems:
+        return problems
+    task = TASKS[recipe.task]
     positive = {
         "training.batch_size": t.batch_size,
         "training.grad_accum": t.grad_accum,
@@ -452,13 +473,6 @@ def _check_values(recipe: Recipe) -> list[str]:
         "training.save_total_limit": t.save_total_limit,
         "method.r": recipe.method.r,
         "method.num_virtual_tokens": recipe.method.num_virtual_tokens,
-        "qa.doc_stride": recipe.qa.doc_stride,
-        "qa.n_best_size": recipe.qa.n_best_size,
-        "qa.max_answer_length": recipe.qa.max_answer_length,
-        "lm.block_size": recipe.lm.block_size,
-        "seq2seq.max_target_length": recipe.seq2seq.max_target_length,
-        "seq2seq.max_new_tokens": recipe.seq2seq.max_new_tokens,
-        "seq2seq.num_beams": recipe.seq2seq.num_beams,
     }
     scratch = recipe.model.from_scratch
     if scratch is not None:
@@ -481,20 +495,18 @@ def _check_values(recipe: Recipe) -> list[str]:
         problems.append(f"'training.lr': must be positive, got {t.lr}")
     if t.warmup_ratio is not None and not 0 <= t.warmup_ratio < 1:
         problems.append(f"'training.warmup_ratio': must be in [0, 1), got {t.warmup_ratio}")
-    if (
-        t.max_length is not None
-        and recipe.qa.doc_stride >= t.max_length
-        and recipe.task == "question_answering"
-    ):
-        problems.append(
-            f"'qa.doc_stride': must be smaller than training.max_length ({t.max_length}), got {recipe.qa.doc_stride}"
-        )
     if not 0 <= t.label_smoothing < 1:
         problems.append(f"'training.label_smoothing': must be in [0, 1), got {t.label_smoothing}")
-    elif t.label_smoothing and recipe.task not in ("translation", "summarization", "causal_lm", "masked_lm"):
+    elif t.label_smoothing and not task.token_level:
         problems.append(f"'training.label_smoothing': applies to token-level tasks, not {recipe.task}")
-    if not 0 < recipe.lm.mlm_probability < 1:
-        problems.append(f"'lm.mlm_probability': must be in (0, 1), got {recipe.lm.mlm_probability}")
+    if t.best_metric not in task.metrics:
+        close = difflib.get_close_matches(t.best_metric, list(task.metrics), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        problems.append(
+            f"'training.best_metric': {t.best_metric!r} is not a {recipe.task} metric "
+            f"({', '.join(task.metrics)}){hint}"
+        )
+    problems += task.check_recipe(recipe)
     if recipe.data.train is None:
         problems.append("'data.train': a training split is required")
     return problems

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import os
 import platform
 import resource
 from importlib.metadata import PackageNotFoundError, version
@@ -41,25 +40,13 @@ def choose_precision(precision: str) -> str:
 
 
 def prepare_run() -> None:
-    """Process-wide settings each run (training or evaluation) needs before it builds its Accelerator and runs its
-    first forward pass.
-
-    - accelerate keeps one AcceleratorState per process, holding the first Accelerator's mixed precision and dynamo
-      plugin: a second run in the same process (a notebook, a script calling train twice) would silently keep them.
-      It is reset so that each run gets its own recipe's; the process group (PartialState) is kept.
-    - ideep's per-shape matmul cache is kept to one entry, unless the user has set LRU_CACHE_CAPACITY. On a CPU, torch
-      runs bf16 matmuls through ideep, which keeps each shape's oneDNN primitive in an LRU of 1,024 entries
-      (pytorch/pytorch#27971), beside oneDNN's own primitive cache, which already keeps every compiled kernel. Each new
-      batch width makes new shapes, a brgemm matmul's descriptor holds ~250 KB (heaptrack), and ideep kept a second
-      one per shape: LoRA, with twice full fine-tuning's matmul shapes, gave back in descriptors what it saved on
-      gradients and Adam state. With one entry oneDNN's cache still serves every kernel: on the SST-2 bench peak RSS
-      fell by ~190 MB (LoRA) and ~30 MB (full) at unchanged speed (docs/benchmarks.md, issue #8). ideep reads the
-      variable at its first matmul.
-    """
+    """Before each run (training or evaluation) builds its Accelerator: accelerate keeps one AcceleratorState per
+    process, holding the first Accelerator's mixed precision and dynamo plugin, so a second run in the same process (a
+    notebook, a script calling train twice) would silently keep them. It is reset so that each run gets its own
+    recipe's; the process group (PartialState) is kept."""
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=False)
-    os.environ.setdefault("LRU_CACHE_CAPACITY", "1")
 
 
 class _MallInfo2(ctypes.Structure):

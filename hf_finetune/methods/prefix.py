@@ -13,22 +13,20 @@ self-, decoder self- and cross-attention module gets its own learned keys/values
 inside the attention function at each call, so the KV cache, beam search and positions are untouched.
 """
 
+
 from __future__ import annotations
 
 import contextlib
 import contextvars
 import inspect
-import json
-import os
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from peft import PrefixTuningConfig
 from peft.tuners.prefix_tuning import PrefixEncoder
-from safetensors.torch import load_file, save_file
 from transformers import AttentionInterface, DynamicCache, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -38,11 +36,14 @@ from transformers.models.auto.modeling_auto import (
 )
 
 from hf_finetune.errors import InputError
+from hf_finetune.methods.base import Method, TaskInfo, freeze_unsaved
+from hf_finetune.methods.virtual_tokens import SoftPromptWrapper, fix_generation_cache
+
+if TYPE_CHECKING:
+    from hf_finetune.recipe import MethodConfig
 
 PREFIX_CONFIG_NAME = "prefix_config.json"
 PREFIX_WEIGHTS_NAME = "prefix_model.safetensors"
-PROMPT_CONFIG_NAME = "prompt_config.json"
-PROMPT_WEIGHTS_NAME = "prompt_model.safetensors"
 
 
 @dataclass
@@ -59,16 +60,6 @@ class PrefixConfig:
             raise InputError("prefix: num_virtual_tokens and encoder_hidden_size must be >= 1")
         if not 0.0 <= self.prefix_dropout < 1.0:
             raise InputError(f"prefix: prefix_dropout must be in [0, 1), got {self.prefix_dropout}")
-
-
-@dataclass
-class PromptConfig:
-    num_virtual_tokens: int = 20
-    modules_to_save: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        if self.num_virtual_tokens < 1:
-            raise InputError("prompt: num_virtual_tokens must be >= 1")
 
 
 def _class_names(mapping: Any) -> set[str]:
@@ -154,103 +145,6 @@ def _geometry(config: Any) -> dict[str, int]:
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     head_dim = getattr(text, "head_dim", None) or hidden // heads
     return {"num_layers": layers, "num_key_value_heads": kv_heads, "head_dim": head_dim}
-
-
-class SoftPromptWrapper(torch.nn.Module):
-    """What our prompt-learning wrappers share with PEFT's `PeftModel`: a frozen base model, extra modules trained in
-    full (`modules_to_save`: a fresh head), attribute passthrough to the base model, and saving/loading only the
-    trainable tensors (safetensors) with a config that refuses a base model of another shape."""
-
-    CONFIG_NAME: str
-    WEIGHTS_NAME: str
-    CONFIG_CLASS: type
-    TRAINABLE: str  # the submodule holding the learned prompt/prefix
-    method: str
-
-    def _freeze(self, model: PreTrainedModel, config: Any) -> None:
-        self.base_model = model
-        self.prefix_config = config
-        model.requires_grad_(False)
-        self._saved_modules: dict[str, torch.nn.Module] = {}
-        for target in config.modules_to_save:
-            hits = {n: m for n, m in model.named_modules() if n == target or n.endswith("." + target)}
-            if not hits:
-                raise InputError(
-                    f"{self.method}: modules_to_save entry {target!r} matches no module of {type(model).__name__}"
-                )
-            self._saved_modules.update(hits)
-        # A module inside another saved one is covered by it; saving both would store shared tensors twice.
-        saved = self._saved_modules
-        self._saved_modules = {
-            n: m for n, m in saved.items() if not any(n.startswith(f"{o}.") for o in saved)
-        }
-        for module in self._saved_modules.values():
-            module.requires_grad_(True)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_model":  # not set yet: avoid infinite recursion during __init__
-                raise
-            return getattr(self.base_model, name)
-
-    @property
-    def config(self) -> Any:
-        return self.base_model.config
-
-    def get_base_model(self) -> PreTrainedModel:
-        return self.base_model
-
-    def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        params = list(self.parameters())
-        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
-
-    def print_trainable_parameters(self) -> None:
-        trainable, total = self.get_nb_trainable_parameters()
-        share = 100 * trainable / total
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}")
-
-    def _trainable_state(self) -> dict[str, torch.Tensor]:
-        learned = getattr(self, self.TRAINABLE)
-        state = {f"{self.TRAINABLE}.{k}": v for k, v in learned.state_dict().items()}
-        for name, module in self._saved_modules.items():
-            state.update(module.state_dict(prefix=f"modules_to_save.{name}."))
-        return state
-
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        out = Path(save_directory)
-        out.mkdir(parents=True, exist_ok=True)
-        meta = {**asdict(self.prefix_config), "base_model_name_or_path": self.base_model.name_or_path}
-        meta.update(self.geometry)  # lets from_pretrained refuse a base model of another shape
-        (out / self.CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self._trainable_state().items()}
-        save_file(tensors, str(out / self.WEIGHTS_NAME), metadata={"format": "pt"})
-
-    @classmethod
-    def from_pretrained(cls, model: PreTrainedModel, path: str | os.PathLike) -> SoftPromptWrapper:
-        config_file, weights_file = Path(path) / cls.CONFIG_NAME, Path(path) / cls.WEIGHTS_NAME
-        for f in (config_file, weights_file):
-            if not f.is_file():
-                raise InputError(f"{f}: not found; was {path} written by {cls.__name__}.save_pretrained?")
-        meta = json.loads(config_file.read_text())
-        config = cls.CONFIG_CLASS(**{f.name: meta[f.name] for f in fields(cls.CONFIG_CLASS) if f.name in meta})
-        wrapped = cls(model, config)
-        mismatched = {k: (meta[k], v) for k, v in wrapped.geometry.items() if k in meta and meta[k] != v}
-        if mismatched:
-            raise InputError(f"{config_file}: saved for another model geometry (saved, given): {mismatched}")
-        loaded, expected = load_file(str(weights_file)), wrapped._trainable_state()
-        missing, unexpected = sorted(expected.keys() - loaded.keys()), sorted(loaded.keys() - expected.keys())
-        reshaped = sorted(k for k, v in loaded.items() if k in expected and v.shape != expected[k].shape)
-        if missing or unexpected or reshaped:
-            raise InputError(
-                f"{weights_file}: missing keys {missing}, unexpected keys {unexpected}, wrong shapes {reshaped}"
-            )
-        with torch.no_grad():
-            for key, value in loaded.items():
-                expected[key].copy_(value)  # state_dict tensors share storage with the live parameters
-        return wrapped
-
 
 class PrefixTuningModel(SoftPromptWrapper):
     CONFIG_NAME, WEIGHTS_NAME, TRAINABLE, method = PREFIX_CONFIG_NAME, PREFIX_WEIGHTS_NAME, "prefix_encoder", "prefix"
@@ -423,111 +317,66 @@ class PrefixTuningModel(SoftPromptWrapper):
             return self.base_model.generate(*args, **kwargs)
 
 
-class EncoderPromptModel(SoftPromptWrapper):
-    """Prompt tuning (Lester et al. 2021) for a BERT2BERT `EncoderDecoderModel`, which PEFT 0.21 refuses: P learned
-    embeddings in front of every source, seen by the encoder (and so by cross-attention) like real tokens, as PEFT
-    does for T5 and BART. They start from the embeddings of P vocabulary tokens drawn at random, the paper's
-    "sampled vocab" initialisation, which trains better than random vectors."""
+class PrefixTuning(Method):
+    name = "prefix"
+    # Li & Liang 2021: 20 virtual tokens, MLP reparameterisation with a 512-wide hidden layer. P-Tuning v2's lr
+    # 5e-3..1e-2 (Liu et al. 2022) is for the raw prefix (prefix_projection off; 0.77 here at 5e-3); the MLP needs a
+    # much smaller step (Li & Liang use 5e-5..8e-5 with it): Adam moves each of the 512 hidden units' output weights by
+    # ~lr at once, so at 5e-3 the prefix keys/values grew from std 0.27 to 2.5 within 50 steps (MiniLM's own keys ~1.4,
+    # values ~0.5), the input-independent prefix values swamped every attention output and SST-2 stayed at chance
+    # (0.51, loss ~0.69). At 5e-4 they stay at ~0.5: 0.79/0.80/0.78 over seeds 42/1/2 (1e-3: 0.77/0.79/0.77; 4,000
+    # examples, 1 epoch, batch 16).
+    defaults = {
+        "lr": 5e-4,
+        "num_virtual_tokens": 20,
+        "prefix_projection": True,
+        "encoder_hidden_size": 512,
+        "dropout": 0.0,
+    }
+    adds_virtual_tokens = True
+    in_default_comparison = True
 
-    CONFIG_NAME, WEIGHTS_NAME, TRAINABLE, method = PROMPT_CONFIG_NAME, PROMPT_WEIGHTS_NAME, "prompt_embeddings", "prompt"
-    CONFIG_CLASS = PromptConfig
+    def peft_config(self, cfg: MethodConfig, task: TaskInfo, heads: list[str]) -> PrefixTuningConfig:
+        return PrefixTuningConfig(
+            task_type=task.peft_task_type,
+            modules_to_save=heads or None,
+            num_virtual_tokens=cfg.num_virtual_tokens,
+            prefix_projection=cfg.prefix_projection,
+            encoder_hidden_size=cfg.encoder_hidden_size,
+        )
 
-    def __init__(self, model: PreTrainedModel, config: PromptConfig) -> None:
-        super().__init__()
-        if not getattr(model.config, "is_encoder_decoder", False):
-            raise InputError(f"prompt: {type(model).__name__} is not encoder-decoder; use PEFT's prompt tuning")
-        embeddings = model.get_input_embeddings()
-        self.geometry = {"hidden_size": embeddings.embedding_dim}
-        self._freeze(model, config)
-        rows = torch.randint(0, embeddings.num_embeddings, (config.num_virtual_tokens,))
-        self.prompt_embeddings = torch.nn.Embedding(config.num_virtual_tokens, embeddings.embedding_dim)
-        with torch.no_grad():
-            self.prompt_embeddings.weight.copy_(embeddings.weight[rows.to(embeddings.weight.device)])
-        self.prompt_embeddings.to(embeddings.weight.device)
-        self.train(model.training)
+    def apply(self, model: torch.nn.Module, cfg: MethodConfig, task: TaskInfo) -> torch.nn.Module:
+        if supports_native_prefix(model):
+            return fix_generation_cache(super().apply(model, cfg, task))
+        # PEFT 0.21 refuses prefix tuning on encoders and *ForSequenceClassification ("Model does not support past
+        # key values"), so these go through our own cache-based prefix module.
+        freeze_unsaved(model)
+        config = PrefixConfig(
+            num_virtual_tokens=cfg.num_virtual_tokens,
+            prefix_projection=cfg.prefix_projection,
+            encoder_hidden_size=cfg.encoder_hidden_size,
+            modules_to_save=self.heads(model, cfg, task),
+            prefix_dropout=cfg.dropout or 0.0,
+        )
+        return PrefixTuningModel(model, config)
 
-    def _with_prompt(
-        self,
-        input_ids: torch.Tensor | None,
-        attention_mask: torch.Tensor | None,
-        inputs_embeds: torch.Tensor | None,
-    ) -> dict[str, torch.Tensor]:
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        if inputs_embeds is None:
-            inputs_embeds = self.base_model.get_input_embeddings()(input_ids)
-        rows, length = inputs_embeds.shape[:2]
-        prompt = self.prompt_embeddings.weight.to(inputs_embeds.dtype).unsqueeze(0).expand(rows, -1, -1)
-        if attention_mask is None:
-            attention_mask = torch.ones(rows, length, dtype=torch.long, device=inputs_embeds.device)
-        visible = attention_mask.new_ones(rows, prompt.shape[1])
-        return {
-            "inputs_embeds": torch.cat([prompt, inputs_embeds], dim=1),
-            "attention_mask": torch.cat([visible, attention_mask], dim=1),
-        }
+    def virtual_positions(self, cfg: MethodConfig, decoder_only: bool, generative: bool) -> int:
+        # PEFT's prefix on a generative decoder numbers the text after its cache; our own prefix (encoders,
+        # classification and QA heads, BERT2BERT) keeps the text's positions from 0
+        return self.resolve(cfg, total_steps=1).num_virtual_tokens if decoder_only and generative else 0
 
-    def forward(
-        self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        **kwargs: Any,
-    ) -> Any:
-        if kwargs.get("encoder_outputs") is not None:  # the encoder already ran with the prompt
-            return self.base_model(attention_mask=attention_mask, **kwargs)
-        return self.base_model(**self._with_prompt(input_ids, attention_mask, inputs_embeds), **kwargs)
+    def saved_weights(self, model: torch.nn.Module, folder: Path) -> tuple[Path, dict[str, torch.Tensor] | None]:
+        if isinstance(model, SoftPromptWrapper):
+            return folder / model.WEIGHTS_NAME, model._trainable_state()
+        return super().saved_weights(model, folder)
 
-    def generate(
-        self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        **kwargs: Any,
-    ) -> torch.Tensor:
-        return self.base_model.generate(**self._with_prompt(input_ids, attention_mask, inputs_embeds), **kwargs)
+    def is_saved_in(self, folder: Path) -> bool:
+        return (folder / PREFIX_CONFIG_NAME).is_file() or super().is_saved_in(folder)
+
+    def load(self, base: torch.nn.Module, folder: Path) -> torch.nn.Module:
+        if (folder / PREFIX_CONFIG_NAME).is_file():
+            return PrefixTuningModel.from_pretrained(base, folder)
+        return fix_generation_cache(super().load(base, folder))
 
 
-def saved_wrapper(folder: Path) -> type[SoftPromptWrapper] | None:
-    """The wrapper class whose config file `folder` holds, if any."""
-    return next((w for w in (PrefixTuningModel, EncoderPromptModel) if (folder / w.CONFIG_NAME).exists()), None)
-
-
-@contextlib.contextmanager
-def peft_generation_cache(model: torch.nn.Module) -> Iterator[None]:
-    """Let PEFT's prompt learning (prefix and prompt tuning) generate with the KV cache on under transformers 5.
-
-    PEFT 0.21 reads and writes the generation cache under the old name `past_key_values`, while transformers 5's
-    `prepare_inputs_for_generation` passes it as `cache`. PEFT therefore never sees the cache: it re-injects its
-    prompt at every step and hands the prefix over as `past_key_values`, which the model drops in favour of
-    generation's own, empty `cache`. Greedy outputs then differ from step-by-step full forward passes. Renaming the
-    key on the way into PEFT's hook and back out restores PEFT's intended path; with it, cached and uncached greedy
-    generation agree (tests/test_language_modeling.py)."""
-    config = getattr(model, "active_peft_config", None)
-    if not getattr(config, "is_prompt_learning", False) or not hasattr(
-        model, "base_model_prepare_inputs_for_generation"
-    ):
-        yield
-        return
-    base_prepare = model.base_model_prepare_inputs_for_generation
-    peft_prepare = type(model).prepare_inputs_for_generation
-
-    # the parameter names matter: transformers validates generate's kwargs against this signature's **kwargs
-    def base(*args: Any, **kwargs: Any) -> dict[str, Any]:
-        inputs = base_prepare(*args, **kwargs)
-        if "cache" in inputs:
-            inputs["past_key_values"] = inputs.pop("cache")
-        return inputs
-
-    def prepare(*args: Any, **kwargs: Any) -> dict[str, Any]:
-        inputs = peft_prepare(model, *args, **kwargs)
-        if "past_key_values" in inputs:
-            inputs["cache"] = inputs.pop("past_key_values")
-        return inputs
-
-    model.base_model_prepare_inputs_for_generation = base
-    model.prepare_inputs_for_generation = prepare
-    try:
-        yield
-    finally:
-        model.base_model_prepare_inputs_for_generation = base_prepare
-        del model.prepare_inputs_for_generation
+METHOD = PrefixTuning()

@@ -2,31 +2,30 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from datasets import DatasetDict
-from transformers import (
-    AutoModelForSequenceClassification,
-    DataCollatorWithPadding,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
 from hf_finetune.data import require_columns
+from hf_finetune.device import RulePadding
 from hf_finetune.errors import InputError
+from hf_finetune.inference import batched_rows, gathered_outputs
 from hf_finetune.metrics import load_metric
-from hf_finetune.padding import BucketedPadding
-from hf_finetune.recipe import Recipe
-from hf_finetune.system import choose_precision
+from hf_finetune.tasks.base import TaskBase
+
+if TYPE_CHECKING:
+    from hf_finetune.recipe import Recipe
 
 
-class ClassificationTask:
-    peft_task_type = "SEQ_CLS"
+class ClassificationTask(TaskBase):
+    name = "classification"
+    metrics = {"eval_loss": False, "accuracy": True, "f1_macro": True, "mcc": True}
     primary_metric = "accuracy"
-    higher_is_better = True
+    peft_task_type = "SEQ_CLS"
     default_max_length = 128
     # BERT's pooler counts as head: sentence-embedding checkpoints such as all-MiniLM-L6-v2 never trained it (they
     # mean-pool), so with it frozen a prefix or prompt has to work through a random projection. Its Linear, not the
@@ -34,7 +33,7 @@ class ClassificationTask:
     head_modules = ("pooler.dense", "classifier", "score")
 
     def __init__(self, recipe: Recipe) -> None:
-        self.recipe = recipe
+        super().__init__(recipe)
         self.columns = recipe.data.columns
         self.labels: list[Any] = []
         """Label values as they appear in the data, in id order."""
@@ -97,21 +96,16 @@ class ClassificationTask:
         )
         return model
 
-    def _encode(self, tokenizer: PreTrainedTokenizerBase, batch: dict[str, list]) -> dict[str, list]:
+    def _encode(self, batch: dict[str, list]) -> dict[str, list]:
         pair = batch[self.columns.text_pair] if self.columns.text_pair else None
-        return tokenizer(
-            batch[self.columns.text],
-            pair,
-            truncation=True,
-            max_length=self.recipe.training.max_length or self.default_max_length,
-        )
+        return self.tokenizer(batch[self.columns.text], pair, truncation=True, max_length=self.max_length)
 
-    def preprocess(self, raw: DatasetDict, tokenizer: PreTrainedTokenizerBase) -> DatasetDict:
+    def preprocess(self, raw: DatasetDict) -> DatasetDict:
         label_col = self.columns.label
         ids = {v: i for i, v in enumerate(self.labels)}
 
         def encode(batch: dict[str, list]) -> dict[str, list]:
-            encoded = self._encode(tokenizer, batch)
+            encoded = self._encode(batch)
             encoded["labels"] = [ids[v] for v in batch[label_col]]
             encoded["length"] = [len(x) for x in encoded["input_ids"]]
             return encoded
@@ -129,67 +123,56 @@ class ClassificationTask:
             }
         )
 
-    def collator(self, tokenizer: PreTrainedTokenizerBase) -> DataCollatorWithPadding:
-        # multiples of 8 keep GPU tensor-core tile shapes. On a CPU they cost too much: SST-2 sentences average ~13
-        # tokens, so rounding to 8 adds 25% of them (LoRA trained 9% slower). Under bf16/fp16 a CPU's matmuls run
-        # through oneDNN, which compiles and keeps a kernel per shape: geometric width buckets add ~6% of tokens and
-        # cut those shapes, whose cached kernels made up much of a run's peak RSS (hf_finetune/padding.py). fp32
-        # matmuls go to MKL, which keeps nothing per shape, so fp32 pads to the longest row only.
-        if torch.cuda.is_available():
-            return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8)
-        if choose_precision(self.recipe.training.precision) == "no":
-            return DataCollatorWithPadding(tokenizer)
-        # capped at the truncation length, so a bucket never asks for more positions than check_model allowed
-        return BucketedPadding(tokenizer, max_length=self.recipe.training.max_length or self.default_max_length)
+    def collator(self) -> RulePadding:
+        # capped at the truncation length, so a batch never asks for more positions than the budget allowed
+        return RulePadding(self.tokenizer, max_length=self.max_length, rule=self.padding)
 
-    @torch.no_grad()
+    def _forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        out = {"logits": logits.float()}
+        if "labels" in batch:
+            # per-example losses, so the mean is exact whatever the batch split across processes
+            out["loss"] = F.cross_entropy(logits.float(), batch["labels"], reduction="none")
+            out["labels"] = batch["labels"]
+        return out
+
     def evaluate(
         self, model: torch.nn.Module, loader: Any, accelerator: Accelerator, split: str = "validation"
     ) -> dict[str, float]:
         metric = load_metric("classification")
         loss_sum, count = 0.0, 0
-        model.eval()
-        for batch in loader:
+
+        def forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             with accelerator.autocast():
-                logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-            # per-example losses, so the mean is exact whatever the batch split across processes
-            losses = F.cross_entropy(logits.float(), batch["labels"], reduction="none")
-            preds, refs, losses = accelerator.gather_for_metrics((logits.argmax(-1), batch["labels"], losses))
-            loss_sum += losses.sum().item()
-            count += losses.numel()
-            metric.add_batch(predictions=preds.cpu().tolist(), references=refs.cpu().tolist())
-        model.train()
+                return self._forward(model, batch)
+
+        for out in gathered_outputs(model, loader, accelerator, forward):
+            loss_sum += out["loss"].sum().item()
+            count += out["loss"].numel()
+            preds = out["logits"].argmax(-1)
+            metric.add_batch(predictions=preds.cpu().tolist(), references=out["labels"].cpu().tolist())
         scores = metric.compute(labels=list(range(len(self.labels))))
         return {"eval_loss": loss_sum / max(count, 1), **scores}
 
-    @torch.no_grad()
-    def predict(
-        self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, rows: list[dict]
-    ) -> list[dict]:
+    def predict(self, model: torch.nn.Module, rows: list[dict]) -> list[dict]:
+        text_columns = [c for c in (self.columns.text, self.columns.text_pair) if c]
         for i, row in enumerate(rows):
-            missing = [c for c in (self.columns.text, self.columns.text_pair) if c and c not in row]
+            missing = [c for c in text_columns if c not in row]
             if missing:
                 raise InputError(f"input row {i}: missing field(s) {', '.join(missing)}")
-        model.eval()
-        collate = self.collator(tokenizer)
-        device = next(model.parameters()).device
-        out: list[dict] = []
+        encoded = self._encode({c: [r[c] for r in rows] for c in text_columns})
+        features = [{k: encoded[k][i] for k in encoded} for i in range(len(rows))]
+        out: list[dict] = [{} for _ in rows]
         batch_size = self.recipe.training.eval_batch
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start : start + batch_size]
-            columns = {c: [r[c] for r in chunk] for c in (self.columns.text, self.columns.text_pair) if c}
-            encoded = self._encode(tokenizer, columns)
-            batch = collate([{k: encoded[k][i] for k in encoded} for i in range(len(chunk))])
-            probs = model(**{k: v.to(device) for k, v in batch.items()}).logits.float().softmax(-1)
-            for p in probs.tolist():
+        batches = batched_rows(model, features, self.collator(), batch_size, self._forward, by_length=False)
+        for idx, outputs in batches:
+            for i, p in zip(idx, outputs["logits"].softmax(-1).tolist(), strict=True):
                 best = max(range(len(p)), key=p.__getitem__)
-                out.append(
-                    {
-                        "label": self.labels[best],
-                        "probability": p[best],
-                        "probabilities": {str(v): q for v, q in zip(self.labels, p, strict=True)},
-                    }
-                )
+                out[i] = {
+                    "label": self.labels[best],
+                    "probability": p[best],
+                    "probabilities": {str(v): q for v, q in zip(self.labels, p, strict=True)},
+                }
         return out
 
     def checkpoint_info(self) -> dict[str, Any]:

@@ -10,38 +10,46 @@ splits are masked once, with a fixed seed, so that every evaluation scores the s
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from datasets import Dataset, DatasetDict
 from datasets.table import InMemoryTable
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForMaskedLM,
+    AutoTokenizer,
     DataCollatorForLanguageModeling,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
 from hf_finetune.data import require_columns, resolve_path
+from hf_finetune.device import Padding, right_pad
 from hf_finetune.errors import InputError
-from hf_finetune.methods.prefix import peft_generation_cache
+from hf_finetune.inference import gathered_outputs
+from hf_finetune.losses import token_losses
 from hf_finetune.metrics import load_metric
-from hf_finetune.padding import right_pad
-from hf_finetune.recipe import Recipe
+from hf_finetune.tasks.base import PositionBudget, TaskBase, positive
+
+if TYPE_CHECKING:
+    from hf_finetune.recipe import Recipe
 
 DEFAULT_BLOCK_SIZE = 256
 
 
-class LanguageModelingTask:
-    head_modules: tuple[str, ...] = ()  # the LM head is pretrained (and usually tied to the embeddings)
-    default_max_length = DEFAULT_BLOCK_SIZE
+class LanguageModelingTask(TaskBase):
+    name = "causal_lm"
+    metrics = {"eval_loss": False, "perplexity": False}
     primary_metric = "perplexity"
-    higher_is_better = False
+    default_max_length = DEFAULT_BLOCK_SIZE
+    token_level = True
+    generative = True
+    head_modules: tuple[str, ...] = ()  # the LM head is pretrained (and usually tied to the embeddings)
     causal = True
 
     @property
@@ -50,9 +58,16 @@ class LanguageModelingTask:
         return self.causal
 
     def __init__(self, recipe: Recipe) -> None:
-        self.recipe = recipe
+        super().__init__(recipe)
         self.column = recipe.data.columns.text
         self.join = recipe.lm.join
+
+    @classmethod
+    def check_recipe(cls, recipe: Recipe) -> list[str]:
+        problems = positive({"lm.block_size": recipe.lm.block_size})
+        if not 0 < recipe.lm.mlm_probability < 1:
+            problems.append(f"'lm.mlm_probability': must be in (0, 1), got {recipe.lm.mlm_probability}")
+        return problems
 
     @property
     def peft_task_type(self) -> str | None:
@@ -62,6 +77,10 @@ class LanguageModelingTask:
     @property
     def block_size(self) -> int:
         return self.recipe.lm.block_size or self.recipe.training.max_length or DEFAULT_BLOCK_SIZE
+
+    def position_budget(self, config: Any) -> PositionBudget:
+        key = "lm.block_size" if self.recipe.lm.block_size else "training.max_length"
+        return PositionBudget(key, self.block_size)
 
     def prepare(self, raw: DatasetDict) -> None:
         for split in raw:
@@ -99,7 +118,8 @@ class LanguageModelingTask:
 
     # ---- tokenising and packing ----------------------------------------------------------------------------------
 
-    def _tokenise(self, tokenizer: PreTrainedTokenizerBase, texts: list[str | None]) -> dict[str, list]:
+    def _tokenise(self, texts: list[str | None]) -> dict[str, list]:
+        tokenizer = self.tokenizer
         texts = [t or "" for t in texts]
         keep_offsets = not self.causal and self.recipe.lm.whole_word_mask
         if not self.causal:
@@ -145,11 +165,11 @@ class LanguageModelingTask:
         columns["length"] = pa.array(np.diff(offsets.to_numpy()))
         return Dataset(InMemoryTable(pa.table(columns)))
 
-    def preprocess(self, raw: DatasetDict, tokenizer: PreTrainedTokenizerBase) -> DatasetDict:
+    def preprocess(self, raw: DatasetDict) -> DatasetDict:
         out = {}
         for split, ds in raw.items():
             tokenised = ds.map(
-                lambda b: self._tokenise(tokenizer, b[self.column]),
+                lambda b: self._tokenise(b[self.column]),
                 batched=True,
                 remove_columns=ds.column_names,
                 num_proc=self.recipe.data.num_proc,
@@ -157,13 +177,13 @@ class LanguageModelingTask:
             )
             packed = self.pack(tokenised)
             if not self.causal and split != "train":
-                packed = self._mask_once(packed, tokenizer)
+                packed = self._mask_once(packed)
             out[split] = packed
         return DatasetDict(out)
 
-    def _mask_once(self, packed: Dataset, tokenizer: PreTrainedTokenizerBase) -> Dataset:
+    def _mask_once(self, packed: Dataset) -> Dataset:
         """Evaluation blocks masked once, with a seed: every evaluation (and every run) scores the same positions."""
-        collate = LMCollator(tokenizer, self._masker(tokenizer, seed=self.recipe.training.seed))
+        collate = self._collator(self._masker(seed=self.recipe.training.seed))
 
         def mask(batch: dict[str, list]) -> dict[str, list]:
             rows = [{k: batch[k][i] for k in batch} for i in range(len(batch["input_ids"]))]
@@ -178,9 +198,8 @@ class LanguageModelingTask:
         # one process, in order, never from a cache: the seeded stream then fixes the masks
         return packed.map(mask, batched=True, remove_columns=packed.column_names, load_from_cache_file=False)
 
-    def _masker(
-        self, tokenizer: PreTrainedTokenizerBase, seed: int | None = None
-    ) -> DataCollatorForLanguageModeling:
+    def _masker(self, seed: int | None = None) -> DataCollatorForLanguageModeling:
+        tokenizer = self.tokenizer
         if tokenizer.mask_token is None:
             raise InputError(
                 f"task masked_lm: the tokenizer of {self.recipe.model.name_or_path} has no mask token"
@@ -190,37 +209,37 @@ class LanguageModelingTask:
             mlm=True,
             mlm_probability=self.recipe.lm.mlm_probability,
             whole_word_mask=self.recipe.lm.whole_word_mask,
-            pad_to_multiple_of=8,
             seed=seed,
         )
 
-    def collator(self, tokenizer: PreTrainedTokenizerBase) -> LMCollator:
-        return LMCollator(tokenizer, None if self.causal else self._masker(tokenizer))
+    def _collator(self, masker: DataCollatorForLanguageModeling | None) -> LMCollator:
+        return LMCollator(self.tokenizer, masker, self.padding, self.block_size)
+
+    def collator(self) -> LMCollator:
+        return self._collator(None if self.causal else self._masker())
 
     # ---- evaluation -----------------------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def evaluate(
         self, model: torch.nn.Module, loader: Any, accelerator: Accelerator, split: str = "validation"
     ) -> dict[str, float]:
         """Perplexity = exp(summed token loss / scored tokens) over the whole split, not a mean of batch means."""
         metric = load_metric("perplexity")
-        model.eval()
-        for batch in loader:
+
+        def forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             labels = batch.pop("labels")
             with accelerator.autocast():
                 logits = model(**batch).logits
             sums, counts = token_losses(logits, labels, shift=self.shift_labels)
-            sums, counts = accelerator.gather_for_metrics((sums, counts))
-            metric.add_batch(loss_sums=sums.tolist(), token_counts=counts.tolist())
-        model.train()
+            return {"sums": sums, "counts": counts}
+
+        for out in gathered_outputs(model, loader, accelerator, forward):
+            metric.add_batch(loss_sums=out["sums"].tolist(), token_counts=out["counts"].tolist())
         return metric.compute()
 
     # ---- prediction -----------------------------------------------------------------------------------------------
 
-    def predict(
-        self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, rows: list[dict], **generation: Any
-    ) -> list[dict]:
+    def predict(self, model: torch.nn.Module, rows: list[dict], **generation: Any) -> list[dict]:
         """Causal LM: the continuation of each row's prompt. Masked LM: the likeliest tokens at each mask."""
         key = "prompt" if all("prompt" in r for r in rows) else self.column
         for i, row in enumerate(rows):
@@ -229,10 +248,10 @@ class LanguageModelingTask:
         prompts = [r[key] for r in rows]
         if self.causal:
             texts = generate(
-                model, tokenizer, prompts, batch_size=self.recipe.training.eval_batch, **generation
+                model, self.tokenizer, prompts, batch_size=self.recipe.training.eval_batch, **generation
             )
             return [{"generated": t} for t in texts]
-        return fill_masks(model, tokenizer, prompts)
+        return fill_masks(model, self.tokenizer, prompts)
 
     def checkpoint_info(self) -> dict[str, Any]:
         return {"join": self.join}
@@ -242,33 +261,12 @@ class LanguageModelingTask:
 
 
 class MaskedLanguageModelingTask(LanguageModelingTask):
+    name = "masked_lm"
+    generative = False
     causal = False
     # The MLM head's transform (dense + LayerNorm; its decoder is the tied word embeddings) trains with every method:
     # sentence-embedding checkpoints such as all-MiniLM-L6-v2 ship without it, so it starts random there.
     head_modules = ("predictions.transform", "lm_head.dense", "lm_head.layer_norm")
-
-
-def align_logits(
-    logits: torch.Tensor, labels: torch.Tensor, shift: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and labels position by position: prompt tuning's virtual tokens dropped from the outputs, and for
-    causal models position t scored against token t + 1."""
-    if logits.shape[1] > labels.shape[1]:
-        logits = logits[:, -labels.shape[1] :]  # prompt tuning prepends virtual tokens to the outputs
-    if shift:
-        logits, labels = logits[:, :-1], labels[:, 1:]
-    return logits, labels
-
-
-def token_losses(
-    logits: torch.Tensor, labels: torch.Tensor, shift: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row summed negative log-likelihood (nats) and scored-token count; -100 labels are not scored."""
-    logits, labels = align_logits(logits, labels, shift)
-    losses = F.cross_entropy(
-        logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none"
-    )  # (batch, length)
-    return losses.sum(1).double(), (labels != -100).sum(1)
 
 
 class LMCollator:
@@ -278,15 +276,22 @@ class LMCollator:
     arrive masked. Padding is ours because the tokenizer's `pad` cannot pad the offset pairs whole-word masking needs."""
 
     def __init__(
-        self, tokenizer: PreTrainedTokenizerBase, masker: DataCollatorForLanguageModeling | None
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        masker: DataCollatorForLanguageModeling | None,
+        padding: Padding,
+        block_size: int,
     ) -> None:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.masker = masker
+        self.masker, self.padding, self.block_size = masker, padding, block_size
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        ids = right_pad([r["input_ids"] for r in rows], self.pad_id)
-        mask = right_pad([[1] * len(r["input_ids"]) for r in rows], 0)
-        labels = right_pad([r["labels"] if "labels" in r else r["input_ids"] for r in rows], -100)
+        def pad(sequences: list[list[int]], value: int) -> torch.Tensor:
+            return right_pad(sequences, value, self.padding, cap=self.block_size)
+
+        ids = pad([r["input_ids"] for r in rows], self.pad_id)
+        mask = pad([[1] * len(r["input_ids"]) for r in rows], 0)
+        labels = pad([r["labels"] if "labels" in r else r["input_ids"] for r in rows], -100)
         if self.masker is not None and "labels" not in rows[0]:
             ids, labels = self.mask(rows, ids, mask)
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
@@ -311,6 +316,26 @@ class LMCollator:
         )
         labels[mask == 0] = -100
         return masked, labels
+
+
+def load_generator(path: str | Path) -> tuple[torch.nn.Module, Any]:
+    """(model, tokenizer) for `hf-finetune generate`: a causal-LM run (plain or PEFT, prefix tuning included) or any HF
+    model folder."""
+    from hf_finetune.checkpoint import INFO_NAME, load_final
+
+    folder = Path(path)
+    if any((c / INFO_NAME).exists() for c in (folder, folder / "model")):
+        _, model, tokenizer, info = load_final(folder)
+        if info["task"] != LanguageModelingTask.name:
+            raise InputError(f"generate: {path} was trained for task {info['task']}, not {LanguageModelingTask.name}")
+    elif (folder / "config.json").is_file():
+        model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True).eval()
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    else:
+        raise InputError(f"generate: {path} is neither a run's output_dir nor a model folder with config.json")
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # GPT-style tokenizers ship without one; batches need it
+    return model, tokenizer
 
 
 @torch.no_grad()
@@ -366,8 +391,7 @@ def generate(
                 bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
                 enc = {"input_ids": torch.full((len(idx), 1), bos), "attention_mask": torch.ones(len(idx), 1)}
             enc = {k: v.to(device) for k, v in enc.items()}
-            with peft_generation_cache(model):
-                generated = model.generate(**enc, **options)
+            generated = model.generate(**enc, **options)
             new = generated[:, enc["input_ids"].shape[1] :]
             for i, text in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True), strict=True):
                 out[i] = text

@@ -13,23 +13,23 @@ import json
 import math
 import sys
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from datasets import Dataset, DatasetDict
-from transformers import (
-    AutoModelForQuestionAnswering,
-    DataCollatorWithPadding,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+from transformers import AutoModelForQuestionAnswering, PreTrainedModel, PreTrainedTokenizerBase
 
 from hf_finetune.data import require_columns
+from hf_finetune.device import Padding, RulePadding
 from hf_finetune.errors import InputError
+from hf_finetune.inference import batched_rows, gathered_outputs
 from hf_finetune.metrics import load_metric
-from hf_finetune.recipe import Recipe
+from hf_finetune.tasks.base import TaskBase, positive
+
+if TYPE_CHECKING:
+    from hf_finetune.recipe import Recipe
 
 # What the collator hands on; offsets and example indices stay in the (memory-mapped) feature table.
 MODEL_KEYS = (
@@ -46,9 +46,8 @@ NO_OFFSET = (-1, -1)  # tokens outside the context: question, special tokens
 class QACollator:
     """Dynamic padding of the model inputs; bookkeeping columns are dropped here, looked up by `feature_index`."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
-        # multiples of 8 keep tensor-core / AMX tile shapes and bound the number of distinct shapes
-        self.pad = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8)
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, padding: Padding, max_length: int) -> None:
+        self.pad = RulePadding(tokenizer, max_length=max_length, rule=padding)
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         return self.pad([{k: v for k, v in f.items() if k in MODEL_KEYS} for f in features])
@@ -147,24 +146,37 @@ def normalise_answers(value: Any) -> dict[str, list]:
     return {"text": [str(t) for t in texts], "answer_start": [int(s) for s in starts]}
 
 
-class QuestionAnsweringTask:
-    peft_task_type = "QUESTION_ANS"
+class QuestionAnsweringTask(TaskBase):
+    name = "question_answering"
+    metrics = {
+        "eval_loss": False,
+        "exact_match": True,
+        "f1": True,
+        # SQuAD v2 (qa.version_2_with_negative) splits the scores by answerable and unanswerable questions
+        **{f"{part}_{score}": True for part in ("HasAns", "NoAns") for score in ("exact", "f1", "total")},
+    }
     primary_metric = "f1"
-    higher_is_better = True
+    peft_task_type = "QUESTION_ANS"
     default_max_length = 384
     head_modules = ("qa_outputs",)
 
     def __init__(self, recipe: Recipe) -> None:
-        self.recipe = recipe
+        super().__init__(recipe)
         self.columns = recipe.data.columns
         self.qa = recipe.qa
         self.dropped: dict[str, int] = {}
         """Answers dropped per split as misaligned (`qa.misaligned_answers: drop`)."""
         self._eval: dict[str, tuple[Dataset, Dataset]] = {}  # split -> (features, examples)
 
-    @property
-    def max_length(self) -> int:
-        return self.recipe.training.max_length or self.default_max_length
+    @classmethod
+    def check_recipe(cls, recipe: Recipe) -> list[str]:
+        qa, max_length = recipe.qa, recipe.training.max_length
+        problems = positive(
+            {"qa.doc_stride": qa.doc_stride, "qa.n_best_size": qa.n_best_size, "qa.max_answer_length": qa.max_answer_length}
+        )
+        if max_length is not None and qa.doc_stride >= max_length:
+            problems.append(f"'qa.doc_stride': must be smaller than training.max_length ({max_length}), got {qa.doc_stride}")
+        return problems
 
     # ---- data -------------------------------------------------------------------------------------------------
 
@@ -234,7 +246,8 @@ class QuestionAnsweringTask:
             path, revision=self.recipe.model.revision, trust_remote_code=self.recipe.model.trust_remote_code
         )
 
-    def _windows(self, tokenizer: PreTrainedTokenizerBase, batch: dict[str, list]) -> Any:
+    def _windows(self, batch: dict[str, list]) -> Any:
+        tokenizer = self.tokenizer
         if not tokenizer.is_fast:
             raise InputError("question answering needs a fast tokenizer (offset mappings)")
         pad_on_right = tokenizer.padding_side == "right"
@@ -261,12 +274,11 @@ class QuestionAnsweringTask:
             return_offsets_mapping=True,
         ), (1 if pad_on_right else 0)
 
-    def features(
-        self, tokenizer: PreTrainedTokenizerBase, batch: dict[str, list], keep_offsets: bool
-    ) -> dict[str, list]:
+    def features(self, batch: dict[str, list], keep_offsets: bool) -> dict[str, list]:
         """Windows with start/end token positions (CLS when the answer is not inside the window); with
         `keep_offsets`, also the example index, the cls index and the context-only offset mapping."""
-        encoded, context_id = self._windows(tokenizer, batch)
+        tokenizer = self.tokenizer
+        encoded, context_id = self._windows(batch)
         sample_map = encoded.pop("overflow_to_sample_mapping")
         offsets_all = encoded.pop("offset_mapping")
         starts, ends, offsets_out, cls_out = [], [], [], []
@@ -308,13 +320,13 @@ class QuestionAnsweringTask:
             encoded["cls_index"] = cls_out
         return dict(encoded)
 
-    def preprocess(self, raw: DatasetDict, tokenizer: PreTrainedTokenizerBase) -> DatasetDict:
+    def preprocess(self, raw: DatasetDict) -> DatasetDict:
         out = {}
         for split, ds in raw.items():
             training = split == "train"
             table = ds if training else ds.add_column("index", list(range(len(ds))))
             feats = table.map(
-                functools.partial(self.features, tokenizer, keep_offsets=not training),
+                functools.partial(self.features, keep_offsets=not training),
                 batched=True,
                 remove_columns=table.column_names,
                 num_proc=self.recipe.data.num_proc,
@@ -326,23 +338,22 @@ class QuestionAnsweringTask:
             out[split] = feats
         return DatasetDict(out)
 
-    def collator(self, tokenizer: PreTrainedTokenizerBase) -> QACollator:
-        return QACollator(tokenizer)
+    def collator(self) -> QACollator:
+        return QACollator(self.tokenizer, self.padding, self.max_length)
 
     # ---- evaluation and prediction ----------------------------------------------------------------------------
 
     def _collector(self) -> SpanCollector:
         return SpanCollector(self.qa.n_best_size, self.qa.max_answer_length, self.qa.version_2_with_negative)
 
-    @torch.no_grad()
     def evaluate(
         self, model: torch.nn.Module, loader: Any, accelerator: Accelerator, split: str = "validation"
     ) -> dict[str, float]:
         features, examples = self._eval[split]
         collector = self._collector()
         loss_sum, count = 0.0, 0
-        model.eval()
-        for batch in loader:
+
+        def forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             index = batch.pop("feature_index")
             gold_start, gold_end = batch.pop("start_positions"), batch.pop("end_positions")
             with accelerator.autocast():
@@ -353,17 +364,16 @@ class QuestionAnsweringTask:
                 F.cross_entropy(start, gold_start, reduction="none")
                 + F.cross_entropy(end, gold_end, reduction="none")
             ) / 2
-            # processes pad their batches to different lengths; positions past a feature's end are never read
-            start = accelerator.pad_across_processes(start, dim=1, pad_index=-1e4)
-            end = accelerator.pad_across_processes(end, dim=1, pad_index=-1e4)
-            index, start, end, losses = accelerator.gather_for_metrics((index, start, end, losses))
-            loss_sum += losses.sum().item()
-            count += losses.numel()
-            rows = features[index.tolist()]
+            return {"index": index, "start": start, "end": end, "loss": losses}
+
+        # processes pad their batches to different lengths; positions past a feature's end are never read
+        for out in gathered_outputs(model, loader, accelerator, forward, pad={"start": -1e4, "end": -1e4}):
+            loss_sum += out["loss"].sum().item()
+            count += out["loss"].numel()
+            rows = features[out["index"].tolist()]
             collector.add(
-                rows["example_index"], start.cpu(), end.cpu(), rows["offset_mapping"], rows["cls_index"]
+                rows["example_index"], out["start"].cpu(), out["end"].cpu(), rows["offset_mapping"], rows["cls_index"]
             )
-        model.train()
         predictions, references = [], []
         for i, (id_, context, answers) in enumerate(
             zip(examples["id"], examples["context"], examples["answers"], strict=True)
@@ -380,10 +390,7 @@ class QuestionAnsweringTask:
         scores.pop("total")
         return {"eval_loss": loss_sum / max(count, 1), **scores}
 
-    @torch.no_grad()
-    def predict(
-        self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, rows: list[dict]
-    ) -> list[dict]:
+    def predict(self, model: torch.nn.Module, rows: list[dict]) -> list[dict]:
         c = self.columns
         for i, row in enumerate(rows):
             for col in (c.question, c.context):
@@ -396,26 +403,20 @@ class QuestionAnsweringTask:
             "index": list(range(len(rows))),
             "id": [str(r.get(c.id, i)) for i, r in enumerate(rows)],
         }
-        feats = self.features(tokenizer, batch, keep_offsets=True)
-        collate = self.collator(tokenizer)
+        feats = self.features(batch, keep_offsets=True)
+        keys = [k for k in ("input_ids", "token_type_ids", "attention_mask") if k in feats]
+        inputs = [{k: feats[k][i] for k in keys} for i in range(len(feats["input_ids"]))]
         collector = self._collector()
-        model.eval()
-        device = next(model.parameters()).device
-        size = self.recipe.training.eval_batch
-        order = sorted(range(len(feats["input_ids"])), key=feats["length"].__getitem__)
-        for start in range(0, len(order), size):
-            chunk = order[start : start + size]
-            inputs = collate(
-                [
-                    {k: feats[k][i] for k in ("input_ids", "token_type_ids", "attention_mask") if k in feats}
-                    for i in chunk
-                ]
-            )
-            out = model(**{k: v.to(device) for k, v in inputs.items()})
+
+        def forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            out = model(**batch)
+            return {"start": out.start_logits.float().cpu(), "end": out.end_logits.float().cpu()}
+
+        for chunk, out in batched_rows(model, inputs, self.collator(), self.recipe.training.eval_batch, forward):
             collector.add(
                 [feats["example_index"][i] for i in chunk],
-                out.start_logits.float().cpu(),
-                out.end_logits.float().cpu(),
+                out["start"],
+                out["end"],
                 [feats["offset_mapping"][i] for i in chunk],
                 [feats["cls_index"][i] for i in chunk],
             )
@@ -423,9 +424,3 @@ class QuestionAnsweringTask:
             collector.answer(i, row[c.context], self.qa.null_score_diff_threshold)
             for i, row in enumerate(rows)
         ]
-
-    def checkpoint_info(self) -> dict[str, Any]:
-        return {}
-
-    def restore(self, info: dict[str, Any]) -> None:
-        pass

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -32,23 +32,26 @@ from transformers import (
 )
 
 from hf_finetune.data import require_columns
+from hf_finetune.device import Padding, right_pad
 from hf_finetune.errors import InputError
-from hf_finetune.methods.prefix import peft_generation_cache
+from hf_finetune.inference import batched_rows, gathered_outputs
+from hf_finetune.losses import token_losses
 from hf_finetune.metrics import load_metric
-from hf_finetune.padding import right_pad
-from hf_finetune.recipe import Recipe
-from hf_finetune.tasks.language_modeling import token_losses
+from hf_finetune.tasks.base import PositionBudget, TaskBase, positive
+
+if TYPE_CHECKING:
+    from hf_finetune.recipe import Recipe
 
 EXTRA_KEYS = ("example_index", "prompt_length")
 """Evaluation-only features the collator passes through and `evaluate` pops before the model sees the batch."""
 
 
-class Seq2SeqTask:
+class Seq2SeqTask(TaskBase):
     metric_name = "translation"
-    primary_metric = "bleu"
-    higher_is_better = True
     default_max_length = 256
     """Source tokens; targets are cut at `seq2seq.max_target_length`."""
+    token_level = True
+    generative = True
 
     @property
     def shift_labels(self) -> bool:
@@ -57,7 +60,7 @@ class Seq2SeqTask:
         return self.decoder_only
 
     def __init__(self, recipe: Recipe) -> None:
-        self.recipe = recipe
+        super().__init__(recipe)
         self.cfg = recipe.seq2seq
         cols = recipe.data.columns
         self.source, self.target, self.refs_column = cols.source, cols.target, cols.references
@@ -74,6 +77,24 @@ class Seq2SeqTask:
     @property
     def peft_task_type(self) -> str:
         return "CAUSAL_LM" if self.decoder_only else "SEQ_2_SEQ_LM"
+
+    @classmethod
+    def check_recipe(cls, recipe: Recipe) -> list[str]:
+        s = recipe.seq2seq
+        return positive(
+            {
+                "seq2seq.max_target_length": s.max_target_length,
+                "seq2seq.max_new_tokens": s.max_new_tokens,
+                "seq2seq.num_beams": s.num_beams,
+            }
+        )
+
+    def position_budget(self, config: Any) -> PositionBudget:
+        """A decoder-only model reads source, separator and target as one sequence."""
+        budget = PositionBudget("training.max_length", self.max_length, capped=False)
+        if not getattr(config, "is_encoder_decoder", False) and not self.recipe.model.encoder_decoder_from:
+            budget.extra["seq2seq.max_target_length"] = self.cfg.max_target_length
+        return budget
 
     # ---- data ----------------------------------------------------------------------------------------------------
 
@@ -148,9 +169,10 @@ class Seq2SeqTask:
             )
         return [sep]
 
-    def preprocess(self, raw: DatasetDict, tokenizer: PreTrainedTokenizerBase) -> DatasetDict:
+    def preprocess(self, raw: DatasetDict) -> DatasetDict:
+        tokenizer = self.tokenizer
         self._detect_family(tokenizer.name_or_path)
-        max_source = self.recipe.training.max_length or self.default_max_length
+        max_source = self.max_length
         max_target = self.cfg.max_target_length
         prefix = self.cfg.source_prefix or ""
         separator = self._separator(tokenizer) if self.decoder_only else []
@@ -207,8 +229,9 @@ class Seq2SeqTask:
             self.max_new_tokens = max_new_tokens_from(encoded, self.decoder_only, max_target)
         return DatasetDict(encoded)
 
-    def collator(self, tokenizer: PreTrainedTokenizerBase) -> Seq2SeqCollator:
-        return Seq2SeqCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+    def collator(self) -> Seq2SeqCollator:
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        return Seq2SeqCollator(pad, self.padding)
 
     # ---- evaluation ----------------------------------------------------------------------------------------------
 
@@ -229,44 +252,40 @@ class Seq2SeqTask:
             options.update(eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
         return options
 
-    @torch.no_grad()
     def evaluate(
         self, model: torch.nn.Module, loader: Any, accelerator: Accelerator, split: str = "validation"
     ) -> dict[str, float]:
-        tokenizer = self._tokenizer
+        tokenizer = self.tokenizer
         unwrapped = accelerator.unwrap_model(model)
         options = self.generation_options(unwrapped, tokenizer)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        predictions: dict[int, str] = {}
-        loss_sum, tokens = 0.0, 0
-        model.eval()
-        for batch in loader:
-            index = batch.pop("example_index")
+
+        def forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            out = {"index": batch.pop("example_index")}
             prompt_length = batch.pop("prompt_length", None)
-            sums = counts = None
             labels = batch.pop("labels", None)
             if labels is not None:
                 inputs = dict(batch)
                 if not self.decoder_only:
-                    # the loss from logits, not from the model: AdaLoRA's forward adds its training-only
-                    # regulariser to any loss, and a reloaded AdaLoRA cannot compute it
+                    # the loss from logits, not from the model: a method may add a training-only regulariser to the
+                    # model's loss, which a reloaded adapter cannot compute
                     inputs["decoder_input_ids"] = decoder_inputs(unwrapped, labels)
                 with accelerator.autocast():
                     logits = model(**inputs).logits
-                sums, counts = token_losses(logits, labels, shift=self.shift_labels)
+                out["sums"], out["counts"] = token_losses(logits, labels, shift=self.shift_labels)
             with accelerator.autocast():
-                new = self._generate(unwrapped, batch, prompt_length, options, pad)
-            new = accelerator.pad_across_processes(new, dim=1, pad_index=pad)
-            gathered = accelerator.gather_for_metrics(
-                (new, index) + ((sums, counts) if sums is not None else ())
-            )
-            for row, i in zip(gathered[1].tolist(), tokenizer.batch_decode(gathered[0], skip_special_tokens=True),
-                              strict=True):  # fmt: skip
-                predictions[row] = i.strip()
-            if sums is not None:
-                loss_sum += gathered[2].sum().item()
-                tokens += int(gathered[3].sum().item())
-        model.train()
+                out["new"] = self._generate(unwrapped, batch, prompt_length, options, pad)
+            return out
+
+        predictions: dict[int, str] = {}
+        loss_sum, tokens = 0.0, 0
+        for out in gathered_outputs(model, loader, accelerator, forward, pad={"new": pad}):
+            texts = tokenizer.batch_decode(out["new"], skip_special_tokens=True)
+            for row, text in zip(out["index"].tolist(), texts, strict=True):
+                predictions[row] = text.strip()
+            if "sums" in out:
+                loss_sum += out["sums"].sum().item()
+                tokens += int(out["counts"].sum().item())
         refs = self.references[split]
         order = sorted(predictions)
         scores = self.score([predictions[i] for i in order], [refs[i] for i in order], split, order)
@@ -282,10 +301,7 @@ class Seq2SeqTask:
     ) -> torch.Tensor:
         """The generated tokens only (no prompt), right-padded with `pad`."""
         if not self.decoder_only:
-            with peft_generation_cache(model):
-                out = model.generate(
-                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **options
-                )
+            out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **options)
             # encoder-decoder outputs open with the decoder start token
             return out[:, 1:]
         # decoder-only: the prompt of each row (source + separator), left-padded so generation continues right after
@@ -296,8 +312,7 @@ class Seq2SeqTask:
         for i, p in enumerate(prompts):
             ids[i, width - len(p) :] = p
             mask[i, width - len(p) :] = 1
-        with peft_generation_cache(model):
-            out = model.generate(input_ids=ids, attention_mask=mask, **options)
+        out = model.generate(input_ids=ids, attention_mask=mask, **options)
         return out[:, width:]
 
     def score(
@@ -307,37 +322,30 @@ class Seq2SeqTask:
 
     # ---- prediction ----------------------------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def predict(
-        self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, rows: list[dict]
-    ) -> list[dict]:
+    def predict(self, model: torch.nn.Module, rows: list[dict]) -> list[dict]:
         for i, row in enumerate(rows):
             if not isinstance(row.get(self.source), str):
                 raise InputError(f"input row {i}: missing text field {self.source!r} (data.columns.source)")
+        tokenizer = self.tokenizer
         self._detect_family(tokenizer.name_or_path)
-        self._tokenizer = tokenizer
         prefix = self.cfg.source_prefix or ""
         separator = self._separator(tokenizer) if self.decoder_only else []
-        max_source = self.recipe.training.max_length or self.default_max_length
         encoded = [
             tokenizer(prefix + r[self.source], add_special_tokens=not self.decoder_only, truncation=True,
-                      max_length=max_source)["input_ids"] + separator
+                      max_length=self.max_length)["input_ids"] + separator
             for r in rows
         ]  # fmt: skip
-        order = sorted(range(len(rows)), key=lambda i: len(encoded[i]))
-        collate = self.collator(tokenizer)
+        features = [{"input_ids": ids, "attention_mask": [1] * len(ids)} for ids in encoded]
         options = self.generation_options(model, tokenizer)
-        device = next(model.parameters()).device
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+        def forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            lengths = batch["attention_mask"].sum(1) if self.decoder_only else None
+            return {"new": self._generate(model, batch, lengths, options, pad)}
+
         out: list[dict] = [{} for _ in rows]
-        model.eval()
-        for start in range(0, len(order), self.recipe.training.eval_batch):
-            idx = order[start : start + self.recipe.training.eval_batch]
-            batch = collate([{"input_ids": encoded[i], "attention_mask": [1] * len(encoded[i])} for i in idx])
-            lengths = torch.tensor([len(encoded[i]) for i in idx])
-            batch = {k: v.to(device) for k, v in batch.items()}
-            new = self._generate(model, batch, lengths if self.decoder_only else None, options, pad)
-            for i, text in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True), strict=True):
+        for idx, result in batched_rows(model, features, self.collator(), self.recipe.training.eval_batch, forward):
+            for i, text in zip(idx, tokenizer.batch_decode(result["new"], skip_special_tokens=True), strict=True):
                 out[i] = {"generated": text.strip()}
         return out
 
@@ -350,18 +358,22 @@ class Seq2SeqTask:
         self.max_new_tokens = self.cfg.max_new_tokens or info.get("max_new_tokens")
         self.decoder_only = info.get("decoder_only", False)
 
-    def attach_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> None:
-        """Evaluation decodes generated ids; the engine hands the run's tokenizer over before evaluating."""
-        self._tokenizer = tokenizer
-
 
 class TranslationTask(Seq2SeqTask):
+    name = "translation"
     metric_name = "translation"
+    metrics = {"eval_loss": False, "bleu": True, "chrf": True}
     primary_metric = "bleu"
 
 
+ROUGE = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+
+
 class SummarizationTask(Seq2SeqTask):
+    name = "summarization"
     metric_name = "summarization"
+    # the lead baseline's scores are reported beside the model's; as metrics they rank runs the same way
+    metrics = {"eval_loss": False, **dict.fromkeys(ROUGE, True), **dict.fromkeys((f"lead_{k}" for k in ROUGE), True)}
     primary_metric = "rougeL"
     default_max_length = 512
 
@@ -432,15 +444,15 @@ def max_new_tokens_from(encoded: DatasetDict, decoder_only: bool, cap: int) -> i
 
 
 class Seq2SeqCollator:
-    """Right-pads inputs with the pad id, labels with -100, to a multiple of 8; evaluation extras pass through.
+    """Right-pads inputs with the pad id, labels with -100, to the padding rule's width; evaluation extras pass through.
     Encoder-decoder models build their decoder inputs from the labels themselves."""
 
-    def __init__(self, pad_id: int) -> None:
-        self.pad_id = pad_id
+    def __init__(self, pad_id: int, padding: Padding) -> None:
+        self.pad_id, self.padding = pad_id, padding
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         def pad(key: str, value: int) -> torch.Tensor:
-            return right_pad([r[key] for r in rows], value)
+            return right_pad([r[key] for r in rows], value, self.padding)
 
         batch = {"input_ids": pad("input_ids", self.pad_id), "attention_mask": pad("attention_mask", 0)}
         if "labels" in rows[0]:
