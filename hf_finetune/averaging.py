@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from hf_finetune.checkpoint import INFO_NAME, complete_checkpoints, find_model_dir, load_final
 from hf_finetune.errors import InputError
+from hf_finetune.methods import get_method
 
 
 def average_run(run: str | Path, last: int, output: Path) -> dict[str, Any]:
@@ -30,8 +31,8 @@ def average_run(run: str | Path, last: int, output: Path) -> dict[str, Any]:
         raise InputError(f"average: {output} already exists; choose a new --output")
     model_dir = find_model_dir(run)
     _, model, tokenizer, info = load_final(model_dir)
-    if info["method"] != "full":
-        raise InputError(f"average: {model_dir} holds a '{info['method']}' run; only full fine-tuning is averaged")
+    if not get_method(info["method"]).saves_whole_model:
+        raise InputError(f"average: {model_dir} holds a '{info['method']}' run; only whole models are averaged")
     state = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
     # tied weights (embeddings and output layer) are one tensor under several names: count each tensor once
     distinct: dict[int, str] = {}

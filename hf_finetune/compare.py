@@ -2,7 +2,7 @@
 (json, csv, markdown) and plots of quality against trainable parameters, time and memory.
 
 Fairness: every method runs on the same data, data order (the seed drives the sampler) and evaluation set, each with
-its own known-good defaults (`methods/defaults.py`) unless overridden per method. A finished run whose results.json
+its own known-good defaults (each method's file under `hf_finetune/methods/`) unless overridden per method. A finished run whose results.json
 carries the same recipe hash is reused, so an interrupted comparison continues where it stopped; a run that fails is
 a row with its error and the others go on.
 """

@@ -2,7 +2,7 @@
 
 torch's CPU dropout draws a Bernoulli mask one element at a time from a serial Mersenne Twister (`bernoulli_`, ~5 ns
 per element on this project's 2-core Sapphire Rapids), then multiplies by it. A LoRA step on MiniLM runs 36 adapter
-dropouts plus the model's own 21, and `bernoulli_` alone took 29% of a bf16 step (docs/benchmarks.md, issue #8). Drop
+dropouts plus the model's own 21, and `bernoulli_` alone took 32% of a bf16 step (docs/benchmarks.md, "dropout"). Drop
 probabilities are small (0.05-0.1), so `FastDropout` samples only the dropped positions: the gaps between successive
 drops of an i.i.d. Bernoulli(p) sequence are i.i.d. Geometric(p), drawn by inverting the geometric CDF on uniform
 53-bit floats. That is p·n draws instead of n; the kept values are scaled by 1/(1-p) in one vectorised pass and the

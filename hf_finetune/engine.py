@@ -173,7 +173,8 @@ def _setup(recipe: Recipe, overwrite: bool, accelerator: Accelerator, settings: 
     if recipe.model.from_scratch is not None:
         model_path = build_from_scratch(recipe, task, raw, out, accelerator, resume_from is not None)
     else:
-        model_path = resolve_model(recipe.model.encoder_decoder_from or recipe.model.name_or_path, recipe.model.revision)
+        key = "model.encoder_decoder_from" if recipe.model.encoder_decoder_from else "model.name_or_path"
+        model_path = resolve_model(recipe.model.encoder_decoder_from or recipe.model.name_or_path, recipe.model.revision, key)
     method = get_method(recipe.method.name)
     padding = padding_for(accelerator.device.type, accelerator.mixed_precision, t.cpu_tuning)
     check_model(model_path, recipe, task, method, padding)
@@ -511,8 +512,9 @@ def check_model(model_path: str, recipe: Recipe, task: Task, method: Method, pad
             "config.json); set model.trust_remote_code=true only if you trust that code"
         ) from err
     except OSError as err:
+        key = "model.encoder_decoder_from" if recipe.model.encoder_decoder_from else "model.name_or_path"
         raise InputError(
-            f"model.name_or_path: {model_path} is not a local model folder and could not be loaded from the Hub "
+            f"{key}: {model_path} is no folder here, and the Hub has no such model or cannot be reached "
             f"({str(err).splitlines()[0]})"
         ) from err
     local = Path(model_path)

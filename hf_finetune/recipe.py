@@ -127,11 +127,11 @@ class MethodConfig:
     name: str = DEFAULT_METHOD
     """One of the methods in `hf_finetune/methods/registry.py` (the README's methods table lists them)."""
     r: int | None = None
-    """LoRA/DoRA rank; AdaLoRA's initial rank (`init_r`) when `init_r` is unset."""
+    """Rank of the update (LoRA, DoRA, LoKr, VeRA); AdaLoRA's initial rank (`init_r`)."""
     alpha: int | None = None
-    """LoRA scaling numerator (`lora_alpha`)."""
+    """Scaling numerator: `lora_alpha` (LoRA, DoRA, AdaLoRA), LoKr's `alpha`."""
     dropout: float | None = None
-    """Dropout on the adapter input (LoRA family) or on the prefix."""
+    """Dropout on the adapter input (LoRA family, VeRA), on LoKr's ranks, or on the prefix."""
     target_modules: list[str] | str | None = None
     """Module names to adapt, or `all-linear`. Default: every attention and dense linear layer."""
     loraplus_lr_ratio: float | None = None
@@ -355,8 +355,10 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
 def recipe_from_dict(raw: dict[str, Any], source: str = "recipe") -> Recipe:
     problems: list[str] = []
     recipe = _build(Recipe, raw, "", problems)
-    if not problems:
+    names = _check_names(recipe)
+    if not problems and not names:
         problems.extend(_check_values(recipe))
+    problems.extend(names)
     if problems:
         raise InputError(f"{source}: " + "; ".join(problems))
     return recipe
@@ -401,6 +403,8 @@ def _coerce(hint: Any, value: Any, dotted: str, problems: list[str]) -> Any:
     if dataclasses.is_dataclass(hint):
         return _build(hint, value if value is not None else {}, f"{dotted}.", problems)
     if origin is Literal:
+        if isinstance(value, bool) and ("on" if value else "off") in args:
+            value = "on" if value else "off"  # YAML 1.1 reads a bare off/on as a boolean
         if value not in args:
             close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
             hint_text = f" (did you mean '{close[0]}'?)" if close else ""
@@ -452,14 +456,17 @@ def _one_of(key: str, value: str, names: tuple[str, ...]) -> list[str]:
     return [f"'{key}': {value!r} is not one of {', '.join(names)}{hint}"]
 
 
-def _check_values(recipe: Recipe) -> list[str]:
-    """Range checks that types alone cannot express; each task checks its own sections."""
-    t = recipe.training
+def _check_names(recipe: Recipe) -> list[str]:
+    """The task and method names against their registries."""
     problems = _one_of("task", recipe.task, TASK_NAMES) + _one_of("method.name", recipe.method.name, METHOD_NAMES)
     for i, name in enumerate(recipe.compare.methods or []):
         problems += _one_of(f"compare.methods[{i}]", name, METHOD_NAMES)
-    if problems:
-        return problems
+    return problems
+
+
+def _check_values(recipe: Recipe) -> list[str]:
+    """Range checks that types alone cannot express; each task checks its own sections."""
+    t, problems = recipe.training, []
     task = TASKS[recipe.task]
     positive = {
         "training.batch_size": t.batch_size,

@@ -1,4 +1,4 @@
-"""Speed of generation-based evaluation: our batched path against one example at a time (issue #8).
+"""Speed of generation-based evaluation: our batched path against one example at a time.
 
     python scripts/bench_generation.py runs/multi30k                       # test split, greedy, fp32
     python scripts/bench_generation.py runs/multi30k --num-beams 4 --precision bf16 --skip-single
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     recipe = recipe_from_dict(raw, source=str(folder / INFO_NAME))
     if recipe.task not in ("translation", "summarization"):
         parser.error(f"{args.checkpoint}: a {recipe.task} run; this bench needs translation or summarization")
-    task, model, tokenizer, _ = load_final(folder, recipe)
+    task, model, tokenizer, _ = load_final(folder, recipe)  # the task comes set up with the saved tokenizer
     data = dataclasses.replace(recipe.data, train=None, **{s: None for s in ("validation", "test") if s != args.split})
     split = load_splits(data)[args.split]
     if args.limit:
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     def run(name: str, batches: list[list[dict]]) -> dict[str, Any]:
         start = time.perf_counter()
         with autocast:
-            out = [g["generated"] for batch in batches for g in task.predict(model, tokenizer, batch)]
+            out = [g["generated"] for batch in batches for g in task.predict(model, batch)]
         seconds = time.perf_counter() - start
         tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in out)
         print(f"{name:>22}: {seconds:8.1f} s  {len(out) / seconds:7.1f} sentences/s  {tokens / seconds:8.1f} tokens/s",

@@ -1,21 +1,22 @@
-"""Training speed of our `train` against transformers' `Trainer` on SST-2 with the embedded MiniLM (issue #8).
+"""Training speed of our `train` against transformers' `Trainer` on SST-2 with the embedded MiniLM.
 
     python scripts/bench_train.py                                  # full fine-tuning, tuned Trainer, 2 repeats
     python scripts/bench_train.py --method lora
     python scripts/bench_train.py --peer run_glue --repeats 1      # the Trainer as run_glue.py sets it up
     python scripts/bench_train.py --peer ours --peer-set training.precision=auto   # A/B of two settings of ours
     python scripts/bench_train.py --method full,lora --peer tuned,run_glue --set training.precision=auto --seeds 42,1,2
-                                                                   # every issue #8 target in one invocation
+                                                                   # every Trainer comparison in one invocation
     python scripts/bench_train.py --method lora --peer ours --peer-set training.precision=auto \
         --set training.precision=auto --peer-patch torch_dropout   # one engine choice on/off (see PATCHES)
 
 Each run is a fresh subprocess (so peak RSS is the run's own); A and B alternate (A B, then B A, ...) so that drift of
 the machine hits both. Both sides train the same model on the same first N training rows for one epoch with the same
-batch size, learning rate (the method's default from hf_finetune/methods/defaults.py unless --lr), warm-up steps
+batch size, learning rate (the method's `defaults["lr"]`, hf_finetune/methods/<method>.py, unless --lr), warm-up steps
 (10% unless --warmup-ratio), linear decay, weight decay, gradient clipping, seed, and evaluate on the full validation
 split. With --seeds, repeat i uses the i-th seed on both sides and accuracy is compared as the mean over seeds.
 
-- ours: `hf_finetune.engine.train` on recipes/classification/sst2.yaml with overrides (--set adds more).
+- ours: `hf_finetune.engine` on recipes/classification/sst2.yaml with overrides (--set adds more): `setup`, then
+  the --patch/--peer-patch changes to the built run, then `fit` and `finish` (what `engine.train` does).
 - tuned: `Trainer` with dynamic padding (`DataCollatorWithPadding`) and `train_sampling_strategy="group_by_length"`
   (transformers 5's name for the old `group_by_length=True`); its default optimizer `adamw_torch_fused`.
 - run_glue: `Trainer` as examples/pytorch/text-classification/run_glue.py runs it by default: every sequence padded
@@ -43,19 +44,26 @@ REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "classification" / "sst2.yaml"
 RESULT_TAG = "BENCH_RESULT "
 # Measured and reported, not the engine's behaviour: each replaces one engine choice in the child process (or, pad8,
-# pad4 and onednn_cache256, tries one it does not make; docs/benchmarks.md says why not).
-PATCHES = (
-    "adamw_forloop",
-    "adamw_foreach",
-    "no_buckets",
-    "pad8",
-    "pad4",
-    "onednn_cache256",
-    "ideep_cache1024",
-    "compile",
-    "torch_dropout",
-    "peft_input_casts",
-)
+# pad4 and onednn_cache256, tries one it does not make; docs/benchmarks.md says why not). The environment patches are
+# set before `engine.setup`; the others change the run `setup` built, before its first step (`apply_patches`).
+PATCHES = {
+    "adamw_forloop": "torch's for-loop AdamW (and a fresh scheduler) instead of the engine's fused one",
+    "adamw_foreach": "torch's foreach AdamW (and a fresh scheduler) instead of the engine's fused one",
+    "no_buckets": "pad each batch to its longest row instead of hf_finetune/device.py's padding rule (width buckets "
+    "on a CPU in bf16 with training.cpu_tuning=auto)",
+    "pad8": "pad each batch to a multiple of 8 instead of the device's padding rule",
+    "pad4": "pad each batch to a multiple of 4 instead of the device's padding rule",
+    "onednn_cache256": "ONEDNN_PRIMITIVE_CACHE_CAPACITY=256 (oneDNN's kernel cache capped)",
+    "ideep_cache1024": "LRU_CACHE_CAPACITY=1024, torch's default, instead of the one entry the CPU tuning sets",
+    "compile": "torch.compile(model, dynamic=True) on the prepared model, after the CPU tuning (add torch_dropout to "
+    "compile torch's dropout rather than trace around FastDropout)",
+    "torch_dropout": "torch's nn.Dropout back where the CPU tuning put hf_finetune.dropout.FastDropout",
+    "peft_input_casts": "PEFT layers cast their input to the adapter dtype again (the CPU tuning stops it in bf16)",
+}
+ENV_PATCHES = {
+    "onednn_cache256": ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "256"),
+    "ideep_cache1024": ("LRU_CACHE_CAPACITY", "1024"),
+}
 
 
 # ----------------------------------------------------------------------------------------------- child processes
@@ -93,21 +101,10 @@ def run_ours(cfg: dict[str, Any]) -> dict[str, Any]:
 
     from hf_finetune import engine
     from hf_finetune.recipe import load_recipe
-    from hf_finetune.tasks.classification import ClassificationTask
 
     seen = first_step_clock(cfg["spawned"])
-    apply_patches(cfg["patches"])
+    set_environment(cfg["patches"])
     eval_times: list[float] = []
-    evaluate = ClassificationTask.evaluate
-
-    def timed_evaluate(self: Any, *args: Any, **kwargs: Any) -> dict[str, float]:
-        seen.setdefault("rss_before_eval_mb", peak_rss_mb())
-        start = time.perf_counter()
-        scores = evaluate(self, *args, **kwargs)
-        eval_times.append(time.perf_counter() - start)
-        return scores
-
-    ClassificationTask.evaluate = timed_evaluate  # type: ignore[method-assign]
     with tempfile.TemporaryDirectory(prefix="bench_ours_") as out:
         overrides = [
             f"method.name={cfg['method']}",
@@ -122,7 +119,22 @@ def run_ours(cfg: dict[str, Any]) -> dict[str, Any]:
             f"output_dir={out}",
             *cfg["overrides"],
         ]
-        results = engine.train(load_recipe(RECIPE, overrides), overwrite=True)
+        run = engine.setup(load_recipe(RECIPE, overrides), overwrite=True)
+        try:
+            apply_patches(run, cfg["patches"])
+            evaluate = run.task.evaluate
+
+            def timed_evaluate(*args: Any, **kwargs: Any) -> dict[str, float]:
+                seen.setdefault("rss_before_eval_mb", peak_rss_mb())
+                start = time.perf_counter()
+                scores = evaluate(*args, **kwargs)
+                eval_times.append(time.perf_counter() - start)
+                return scores
+
+            run.task.evaluate = timed_evaluate  # type: ignore[method-assign]  # this run's task object only
+            results = engine.finish(run, engine.fit(run))
+        finally:
+            run.settings.close()  # finish releases them too; this covers a run that fails
     return {
         "train_s": results["train_runtime_s"],
         "samples_per_s": results["train_samples_per_s"],
@@ -140,49 +152,64 @@ def run_ours(cfg: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def apply_patches(patches: list[str]) -> None:
-    """Undo one engine choice at a time, for on/off measurements without switches in the package."""
-    import torch
+def set_environment(patches: list[str]) -> None:
+    """The environment patches, before `engine.setup`: oneDNN reads its variable when it builds its first kernel and
+    ideep its own at the first bf16 matmul, neither of which has happened yet in this child; the CPU tuning's
+    `hf_finetune.device.cpu_process_settings` keeps an LRU_CACHE_CAPACITY already set."""
+    for patch in patches:
+        if patch not in PATCHES:
+            raise SystemExit(f"unknown patch {patch!r}; one of {', '.join(PATCHES)}")
+        if patch in ENV_PATCHES:
+            name, value = ENV_PATCHES[patch]
+            os.environ[name] = value
 
-    from hf_finetune import engine, methods
+
+def apply_patches(run: Any, patches: list[str]) -> None:
+    """Undo one engine choice at a time in the run `engine.setup` built, for on/off measurements without switches in
+    the package. The environment patches are `set_environment`'s."""
+    import torch
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from transformers import DataCollatorWithPadding, get_scheduler
+
+    from hf_finetune import methods
+    from hf_finetune.dropout import FastDropout
 
     for patch in patches:
+        if patch in ENV_PATCHES:
+            continue
         if patch in ("adamw_forloop", "adamw_foreach"):
-            foreach = patch == "adamw_foreach"
-
-            def build_optimizer(model: Any, method: Any, lr: float, weight_decay: float, *_: Any,
-                                foreach: bool = foreach, **__: Any) -> torch.optim.Optimizer:  # fmt: skip
-                groups = methods.param_groups(model, weight_decay)
-                return torch.optim.AdamW(groups, lr=lr, fused=False, foreach=foreach)
-
-            engine.build_optimizer = build_optimizer
-        elif patch in ("no_buckets", "pad8", "pad4"):
-            # instead of the CPU's width buckets (hf_finetune/padding.py): plain dynamic padding, or fixed multiples
-            from transformers import DataCollatorWithPadding
-
-            from hf_finetune.tasks.classification import ClassificationTask
-
-            multiple = None if patch == "no_buckets" else int(patch[3:])
-            ClassificationTask.collator = lambda self, tokenizer, multiple=multiple: DataCollatorWithPadding(  # type: ignore
-                tokenizer, pad_to_multiple_of=multiple
+            # the engine's optimizer and scheduler, rebuilt with the for-loop or foreach AdamW (no LoRA+ groups: the
+            # bench runs the methods' defaults)
+            t = run.resolved["training"]
+            groups = methods.param_groups(run.unwrapped, t["weight_decay"])
+            optimizer = torch.optim.AdamW(groups, lr=t["lr"], fused=False, foreach=patch == "adamw_foreach")
+            total = run.schedule.total_steps
+            scheduler = get_scheduler(
+                t["scheduler"],
+                optimizer,
+                num_warmup_steps=int(t["warmup_ratio"] * total),
+                num_training_steps=total,
             )
-        elif patch == "onednn_cache256":
-            # read by oneDNN when it builds its first kernel, which has not happened yet in this child
-            os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = "256"
-        elif patch == "ideep_cache1024":
-            # torch's default; the engine keeps a value already set (hf_finetune.system.prepare_run)
-            os.environ["LRU_CACHE_CAPACITY"] = "1024"
+            run.optimizer, run.scheduler = run.accelerator.prepare(optimizer, scheduler)
+        elif patch in ("no_buckets", "pad8", "pad4"):
+            # instead of the task's `RulePadding` (the rule hf_finetune/device.py's `padding_for` picks): plain
+            # dynamic padding, or fixed multiples
+            multiple = None if patch == "no_buckets" else int(patch[3:])
+            collate = DataCollatorWithPadding(run.task.tokenizer, pad_to_multiple_of=multiple)
+            for loader in (run.train_loader, *run.eval_loaders.values()):
+                # accelerate's DataLoaderShard iterates the torch DataLoader it wraps, which reads collate_fn
+                # whenever an iteration starts; set on the shard itself it would only shadow that one
+                getattr(loader, "base_dataloader", loader).collate_fn = collate
         elif patch == "compile":
-
-            def compiled(*args: Any, apply_method: Any = engine.apply_method, **kwargs: Any) -> Any:
-                model, hook = apply_method(*args, **kwargs)
-                return torch.compile(model, dynamic=True), hook
-
-            engine.apply_method = compiled
+            run.model = torch.compile(run.model, dynamic=True)
         elif patch == "torch_dropout":
-            engine.use_fast_dropout = lambda model: 0
+            for module in run.model.modules():
+                if isinstance(module, FastDropout):
+                    module.__class__ = torch.nn.Dropout
         elif patch == "peft_input_casts":
-            engine.leave_input_casts_to_autocast = lambda model: 0
+            for module in run.model.modules():
+                if isinstance(module, BaseTunerLayer):
+                    module.cast_input_dtype_enabled = True
         else:
             raise SystemExit(f"unknown patch {patch!r}; one of {', '.join(PATCHES)}")
 
@@ -426,7 +453,7 @@ def main() -> None:
         "--run-glue-methods",
         type=choices(("full", "lora")),
         default=["full"],
-        help="the methods paired with --peer run_glue (the issue's run_glue figure is for full fine-tuning)",
+        help="the methods paired with --peer run_glue (docs/benchmarks.md's run_glue figure is for full fine-tuning)",
     )
     parser.add_argument("--run-glue-repeats", type=int, default=1)
     parser.add_argument("--validation-samples", type=int, help="default: the whole split (872)")
@@ -443,14 +470,22 @@ def main() -> None:
     parser.add_argument(
         "--set", action="append", default=[], help="recipe override for ours, e.g. training.precision=auto"
     )
+    patch_help = "; ".join(f"{name}: {text}" for name, text in PATCHES.items())
     parser.add_argument(
-        "--patch", action="append", default=[], choices=PATCHES, help="undo an engine choice in ours"
-    )
+        "--patch", action="append", default=[], choices=tuple(PATCHES),
+        help=f"undo an engine choice in ours (side A), after setup: {patch_help}",
+    )  # fmt: skip
     parser.add_argument("--peer-precision", choices=("fp32", "bf16"), default="fp32", help="the Trainer's")
     parser.add_argument(
         "--peer-set", action="append", default=[], help="with --peer ours: overrides for side B"
     )
-    parser.add_argument("--peer-patch", action="append", default=[], choices=PATCHES, help="with --peer ours")
+    parser.add_argument(
+        "--peer-patch",
+        action="append",
+        default=[],
+        choices=tuple(PATCHES),
+        help="with --peer ours: --patch for side B",
+    )
     parser.add_argument("--log-dir", default=None, help="children's stderr (default: a temporary folder)")
     parser.add_argument("--json", help="also write every run's figures here")
     parser.add_argument(
@@ -474,7 +509,7 @@ def main() -> None:
         print(RESULT_TAG + json.dumps(result), flush=True)
         return
 
-    from hf_finetune.methods import default_lr
+    from hf_finetune.methods import get_method
 
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="bench_train_"))
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -488,7 +523,7 @@ def main() -> None:
             run_glue = peer == "run_glue"
             if run_glue and method not in args.run_glue_methods:
                 continue
-            lr = args.lr or default_lr(method)
+            lr = args.lr or get_method(method).defaults["lr"]
             rows = (args.run_glue_train_samples or args.train_samples) if run_glue else args.train_samples
             common = {
                 "method": method, "train_samples": rows, "validation_samples": args.validation_samples,

@@ -1,4 +1,4 @@
-"""Time training steps of MiniLM on sorted SST-2 batches and read the process's memory afterwards (issue #8).
+"""Time training steps of MiniLM on sorted SST-2 batches and read the process's memory afterwards.
 
     python scripts/profile_step.py --method lora --precision bf16              # the engine's choices
     python scripts/profile_step.py --method lora --precision bf16 --torch-dropout --peft-casts
@@ -9,8 +9,8 @@ Runs --batches steps (after 5 warm-up steps) over the first 32 x --batches train
 fused AdamW and gradient clipping as the engine has them, but no data loader or evaluation: a step's own cost. Prints
 ms per step, peak RSS, and glibc's `mallinfo2` (main-arena heap in use and free, mmapped bytes); `--profile` adds a
 `torch.profiler` table over every sixth batch. Set ONEDNN_PRIMITIVE_CACHE_CAPACITY in the environment to cap oneDNN's
-kernel cache; ideep's shape cache is kept to one entry as the engine keeps it (`LRU_CACHE_CAPACITY=1024` restores
-torch's default).
+kernel cache; ideep's shape cache is kept to one entry as the engine's CPU tuning keeps it
+(`hf_finetune.device.cpu_process_settings`; `LRU_CACHE_CAPACITY=1024` restores torch's default).
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
 from hf_finetune.data import resolve_path
+from hf_finetune.device import Padding, RulePadding, cpu_process_settings, leave_input_casts_to_autocast
 from hf_finetune.dropout import use_fast_dropout
 from hf_finetune.hub import resolve_model
-from hf_finetune.methods import apply_method, leave_input_casts_to_autocast, resolve_method
-from hf_finetune.padding import BucketedPadding
+from hf_finetune.methods import apply_method, resolve_method
 from hf_finetune.recipe import MethodConfig
-from hf_finetune.system import glibc_heap_mb, prepare_run
+from hf_finetune.system import glibc_heap_mb
 from hf_finetune.tasks.classification import ClassificationTask
 
 
@@ -44,13 +44,17 @@ def main() -> None:
     parser.add_argument("--peft-casts", action="store_true", help="keep PEFT's input casts under bf16")
     parser.add_argument(
         "--pad-to", type=int, help="pad each batch's width to a multiple of this (0: the longest row's width) instead "
-        "of the width buckets the engine uses in bf16 (hf_finetune/padding.py; fp32 pads to the longest row)"
+        "of the width buckets the engine uses on a CPU in bf16 (hf_finetune/device.py; fp32 pads to the longest row)"
     )  # fmt: skip
     parser.add_argument("--batches", type=int, default=63)
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
+    # ideep's cache as the engine's CPU tuning keeps it, held for the whole measurement
+    with cpu_process_settings(True):
+        measure(args)
 
-    prepare_run()  # ideep's cache as the engine keeps it
+
+def measure(args: argparse.Namespace) -> None:
     path = resolve_model("sentence-transformers/all-MiniLM-L6-v2")
     tokenizer = AutoTokenizer.from_pretrained(path)
     torch.manual_seed(0)
@@ -69,7 +73,7 @@ def main() -> None:
     ]
     encoded.sort(key=lambda e: len(e["input_ids"]))
     if args.pad_to is None and args.precision == "bf16":  # as the engine pads on a CPU
-        collate = BucketedPadding(tokenizer, max_length=128)
+        collate = RulePadding(tokenizer, max_length=128, rule=Padding(buckets=True))
     else:
         collate = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=args.pad_to or None)
     batches = [collate(encoded[i : i + 32]) for i in range(0, len(encoded), 32)]

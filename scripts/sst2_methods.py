@@ -4,7 +4,7 @@
     python scripts/sst2_methods.py --methods full,lora data.train.max_samples=4000
 
 Each run is the plain `hf-finetune train` command, in its own process (so peak memory is per method); a run whose
-results.json exists is reused. `hf-finetune compare` will supersede this script.
+results.json exists is reused. `hf-finetune compare` does the same (and more) inside the package.
 """
 
 from __future__ import annotations

@@ -232,6 +232,21 @@ CASES: dict[str, tuple[Callable[[Ctx], list[str]], list[str], bool]] = {
     "qa_doc_stride_not_below_max_length": (
         lambda c: qa(c, "training.max_length=32", "qa.doc_stride=32"), ["qa.doc_stride", "training.max_length"], False,
     ),
+    "model_folder_missing": (
+        lambda c: train(c, "model.name_or_path=/no/such/model"), ["model.name_or_path", "/no/such/model", "no folder"], False,
+    ),
+    "model_relative_folder_missing": (
+        lambda c: train(c, "model.name_or_path=runs/no-such-run"), ["model.name_or_path", "runs/no-such-run", "no folder"], False,
+    ),
+    "best_metric_misspelt": (
+        lambda c: train(c, "training.best_metric=acuracy", "--overwrite"), ["'training.best_metric'", "did you mean 'accuracy'"], True,
+    ),
+    "best_metric_of_another_task": (
+        lambda c: train(c, "training.best_metric=perplexity"), ["'training.best_metric'", "not a classification metric"], False,
+    ),
+    "cpu_tuning_not_a_choice": (
+        lambda c: train(c, "training.cpu_tuning=maybe"), ["'training.cpu_tuning'", "auto, off"], False,
+    ),
     "bad_data_with_overwrite_keeps_prior_run": (
         lambda c: train(c, "data.columns.label=verdict", "--overwrite"), ["data.columns.label='verdict' not found"], True,
     ),
@@ -310,7 +325,3 @@ def test_disk_full_while_saving_keeps_previous_work(
         ["training.resume", "global batch 16", "this run has 8"],
     )
     assert snapshot(ctx.out / "checkpoints") == kept["checkpoints"]
-
-
-def test_catalogue_size() -> None:
-    assert len(CASES) + 1 >= 20

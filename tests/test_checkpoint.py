@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 from safetensors.torch import save_file
 from transformers import BertConfig, BertForSequenceClassification
 
 from hf_finetune import checkpoint
 from hf_finetune.errors import InputError
+from hf_finetune.methods.lora import METHOD as LORA
 
 
 def fake_checkpoint(out: Path, step: int, score: float | None) -> None:
@@ -52,22 +53,22 @@ def test_verify_saved_fails_loudly_on_empty_or_partial_adapter(tmp_path: Path) -
         BertForSequenceClassification(config), LoraConfig(target_modules=["query", "value"])
     )
     model.save_pretrained(tmp_path)
-    checkpoint.verify_saved(model, tmp_path)  # what was just written reads back identical
+    checkpoint.verify_saved(LORA, model, tmp_path)  # what was just written reads back identical
 
     weights = tmp_path / "adapter_model.safetensors"
     save_file({}, str(weights))
     with pytest.raises(RuntimeError, match="empty"):
-        checkpoint.verify_saved(model, tmp_path)
-    state = {k: v.clone() for k, v in checkpoint.get_peft_model_state_dict(model).items()}
+        checkpoint.verify_saved(LORA, model, tmp_path)
+    state = {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
     dropped = sorted(state)[0]
     del state[dropped]
     save_file(state, str(weights))
     with pytest.raises(RuntimeError, match="missing"):
-        checkpoint.verify_saved(model, tmp_path)
-    state[dropped] = torch.ones_like(checkpoint.get_peft_model_state_dict(model)[dropped]) * 7
+        checkpoint.verify_saved(LORA, model, tmp_path)
+    state[dropped] = torch.ones_like(get_peft_model_state_dict(model)[dropped]) * 7
     save_file(state, str(weights))
     with pytest.raises(RuntimeError, match="changed"):
-        checkpoint.verify_saved(model, tmp_path)
+        checkpoint.verify_saved(LORA, model, tmp_path)
 
 
 def test_output_dir_checks(tmp_path: Path) -> None:

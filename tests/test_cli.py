@@ -114,6 +114,27 @@ def test_merge_refuses_prefix(tiny_bert: Path, data_dir: Path, tmp_path: Path, c
     assert not (tmp_path / "merged").exists()
 
 
+def test_merge_into_an_existing_output_is_refused_and_leaves_nothing_behind(
+    tiny_bert: Path, data_dir: Path, tmp_path: Path, capsys
+) -> None:
+    from conftest import tiny_recipe
+
+    recipe = tmp_path / "recipe.yaml"
+    raw = tiny_recipe(tiny_bert, data_dir, tmp_path / "run", **{"method.name": "lora", "training.max_steps": 2})
+    recipe.write_text(yaml.safe_dump(raw))
+    assert main(["train", str(recipe)]) == 0
+    taken = tmp_path / "merged"
+    taken.mkdir()
+    (taken / "mine.txt").write_text("keep")
+    capsys.readouterr()
+    assert main(["merge", str(tmp_path / "run"), "--output", str(taken)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no .merged.tmp left behind
+    assert [p.name for p in taken.iterdir()] == ["mine.txt"]
+    assert main(["merge", str(tmp_path / "run"), "--output", str(tmp_path / "fresh")]) == 0
+    assert (tmp_path / "fresh" / "config.json").is_file()
+
+
 def test_help_lists_tasks_and_methods_and_module_entry_point() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "hf_finetune", "--help"], capture_output=True, text=True, check=True

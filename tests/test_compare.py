@@ -130,11 +130,36 @@ def test_dry_run_trains_nothing_and_cli_exit_codes(
     ]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "4 runs" in out and "lora" in out and "seed 2" in out and "~3 steps" in out
+    assert "4 runs" in out and "lora" in out and "seed 2" in out and " 3 steps" in out
     assert not (tmp_path / "cmp").exists()
     assert main(["compare", str(recipe), "--methods", "full", "--set", "lora.training.lr=1"]) == 2
     assert "not among the methods" in capsys.readouterr().err
     assert main(["compare", str(recipe), "--seeds", "one"]) == 2
+
+
+def test_dry_run_counts_steps_as_the_engine_does(tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Packed LM blocks, not raw rows, and the launcher's process count: the dry run's steps are the run's."""
+    from conftest import write_jsonl
+    from test_language_modeling import lm_recipe, story
+
+    from hf_finetune.recipe import recipe_from_dict
+    from hf_finetune.scratch import Dims, write_scratch_model
+
+    model = write_scratch_model(tmp_path / "gpt", "gpt2", story(100, 0), Dims(layers=1, d_model=16, heads=2,
+                                max_positions=64, vocab_size=120, dropout=0.0))  # fmt: skip
+    write_jsonl(tmp_path / "train.jsonl", [{"text": t} for t in story(90, 1)])
+    write_jsonl(tmp_path / "validation.jsonl", [{"text": t} for t in story(8, 2)])
+    raw = lm_recipe(model, tmp_path, tmp_path / "cmp", **{"training.epochs": 1, "training.max_steps": None})
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(json.dumps(raw))
+    trained = engine.train(recipe_from_dict({**raw, "output_dir": str(tmp_path / "single")}))["steps"]
+    assert trained < 90 // 8  # 90 rows of ~15 tokens packed into 32-token blocks: fewer batches than rows give
+    capsys.readouterr()
+    assert main(["compare", str(recipe), "--methods", "full", "--dry-run"]) == 0
+    assert f" {trained} steps" in capsys.readouterr().out
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as `accelerate launch --num_processes 2` sets it
+    assert main(["compare", str(recipe), "--methods", "full", "--dry-run"]) == 0
+    assert f" {-(-trained // 2)} steps" in capsys.readouterr().out
 
 
 def test_pareto_front() -> None:

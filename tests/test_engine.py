@@ -15,10 +15,14 @@ import hf_finetune.engine as engine
 from hf_finetune.checkpoint import load_final
 from hf_finetune.evaluation import evaluate_checkpoint
 from hf_finetune.merging import merge_checkpoint
+from hf_finetune.methods import METHOD_NAMES, get_method
 from hf_finetune.recipe import recipe_from_dict
 
 # learning rates for a randomly initialised 32-wide model, larger than the defaults tuned for MiniLM
-LRS = {"full": 1e-3, "lora": 1e-2, "adalora": 2e-2, "prefix": 1e-3, "prompt": 1e-2, "ia3": 1e-2, "dora": 1e-2}
+LRS = {
+    "full": 1e-3, "lora": 1e-2, "adalora": 2e-2, "prefix": 1e-3, "prompt": 1e-2, "ia3": 1e-2, "dora": 1e-2,
+    "lokr": 2e-2, "vera": 5e-2,
+}  # fmt: skip
 # the parameters each method may train; everything else must stay bit-identical
 TRAINABLE = {
     "full": ("",),
@@ -28,6 +32,8 @@ TRAINABLE = {
     "ia3": ("ia3_", "classifier", "pooler"),
     "prompt": ("prompt_encoder", "classifier", "pooler"),
     "prefix": ("prefix_encoder", "classifier", "pooler"),
+    "lokr": ("lokr_", "classifier"),
+    "vera": ("vera_lambda_", "classifier"),
 }
 RESULT_KEYS = {
     "task", "method", "model", "metrics", "trainable_params", "total_params", "train_runtime_s",
@@ -50,6 +56,10 @@ def logits_of(model: torch.nn.Module, tokenizer, texts: list[str]) -> torch.Tens
     batch = tokenizer(texts, padding=True, return_tensors="pt")
     with torch.no_grad():
         return model.eval()(**batch).logits
+
+
+def test_every_method_is_tested() -> None:
+    assert set(LRS) == set(TRAINABLE) == set(METHOD_NAMES)
 
 
 @pytest.mark.parametrize("method", list(LRS))
@@ -88,10 +98,11 @@ def test_method_trains_only_its_parameters_and_reloads(
     assert info["method"] == method
     assert torch.equal(logits_of(reloaded, tokenizer, texts), logits_of(model, tokenizer, texts))
 
-    if method in ("lora", "dora", "adalora", "ia3"):
+    if get_method(method).mergeable:
         merged_dir = merge_checkpoint(load_final(out), tmp_path / "merged")
         merged = AutoModelForSequenceClassification.from_pretrained(merged_dir)
-        assert not any("lora" in n or "ia3" in n for n, _ in merged.named_parameters())
+        adapters = [key for key in allowed if key.endswith("_")]
+        assert adapters and not any(key in n for n, _ in merged.named_parameters() for key in adapters)
         torch.testing.assert_close(logits_of(merged, tokenizer, texts), logits_of(model, tokenizer, texts))
 
 
@@ -185,3 +196,89 @@ def test_runs_in_one_process_each_get_their_own_precision(tiny_bert: Path, data_
         )
         done[precision] = engine.train(recipe_from_dict(raw))["precision"]
     assert done == {"bf16": "bf16", "fp32": "no"}
+
+
+def no_dropout_copy(model: Path, folder: Path) -> Path:
+    """The tiny model with its dropout off, so that runs which batch differently can agree."""
+    import shutil
+
+    shutil.copytree(model, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_grad_accum_equals_the_large_batch_run(tiny_bert: Path, data_dir: Path, tmp_path: Path) -> None:
+    """Two accumulated micro-batches of 16 make the same optimizer steps as batches of 32, up to float rounding (each
+    micro-batch pads to its own longest row)."""
+    model = no_dropout_copy(tiny_bert, tmp_path / "model")
+    runs = {}
+    for name, batch, accum in (("large", 32, 1), ("accumulated", 16, 2)):
+        raw = tiny_recipe(model, data_dir, tmp_path / name, **{
+            "method.name": "full", "training.lr": 1e-3, "training.max_steps": 6, "training.batch_size": batch,
+            "training.grad_accum": accum, "training.logging_every": 1,
+        })  # fmt: skip
+        runs[name] = engine.train(recipe_from_dict(raw))
+    large, accumulated = runs["large"], runs["accumulated"]
+    assert large["steps"] == accumulated["steps"] == 6 and accumulated["global_batch_size"] == 32
+    loss = {n: [r["loss"] for r in map(json.loads, (tmp_path / n / "metrics.jsonl").read_text().splitlines())
+                if "loss" in r] for n in runs}  # fmt: skip
+    assert loss["large"][0] != loss["large"][-1]  # the weights moved
+    assert loss["accumulated"] == pytest.approx(loss["large"], rel=1e-5)
+    assert accumulated["metrics"]["eval_loss"] == pytest.approx(large["metrics"]["eval_loss"], rel=1e-5)
+    a, b = (AutoModelForSequenceClassification.from_pretrained(tmp_path / n / "model") for n in runs)
+    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_test_split_is_scored_after_training_and_matches_a_reload(
+    tiny_bert: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    from conftest import sentences, write_jsonl
+
+    write_jsonl(data_dir / "test.jsonl", sentences(40, seed=9))
+    raw = tiny_recipe(tiny_bert, data_dir, tmp_path / "run", **{"method.name": "lora", "training.lr": LRS["lora"]})
+    raw["data"]["test"] = {"path": str(data_dir / "test.jsonl")}
+    recipe = recipe_from_dict(raw)
+    results = engine.train(recipe)
+    assert results["test_metrics"].keys() == results["metrics"].keys()
+    assert results["test_metrics"] != results["metrics"]  # another split, other numbers
+    again = evaluate_checkpoint(recipe, str(tmp_path / "run"))
+    assert again["test_metrics"]["accuracy"] == results["test_metrics"]["accuracy"]
+    assert again["test_metrics"]["eval_loss"] == pytest.approx(results["test_metrics"]["eval_loss"], abs=1e-6)
+
+
+def test_cosine_schedule_sets_each_steps_learning_rate(tiny_bert: Path, data_dir: Path, tmp_path: Path) -> None:
+    import math
+
+    raw = tiny_recipe(tiny_bert, data_dir, tmp_path / "run", **{
+        "training.scheduler": "cosine", "training.max_steps": 8, "training.logging_every": 1, "training.lr": 1e-3,
+    })  # fmt: skip
+    engine.train(recipe_from_dict(raw))
+    log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    lrs = {r["step"]: r["lr"] for r in log if "lr" in r}
+    # transformers' cosine decay without warm-up: the lr after step k is half a cosine period in k / 8
+    assert lrs == pytest.approx({k: 1e-3 * 0.5 * (1 + math.cos(math.pi * k / 8)) for k in range(1, 9)})
+
+
+@pytest.mark.parametrize("tuning", ["auto", "off"])
+def test_cpu_tuning_off_keeps_torchs_dropout_and_peft_casts(
+    tuning: str, tiny_bert: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from hf_finetune.dropout import FastDropout
+
+    raw = tiny_recipe(tiny_bert, data_dir, tmp_path / "run", **{
+        "method.name": "lora", "training.max_steps": 1, "training.precision": "bf16", "training.cpu_tuning": tuning,
+    })  # fmt: skip
+    run = engine.setup(recipe_from_dict(raw))
+    dropouts = [m for m in run.unwrapped.modules() if isinstance(m, torch.nn.Dropout)]
+    casting = [m.cast_input_dtype_enabled for m in run.unwrapped.modules() if isinstance(m, BaseTunerLayer)]
+    engine.finish(run, engine.fit(run))
+    assert dropouts and casting
+    if tuning == "off":
+        assert all(type(m) is torch.nn.Dropout for m in dropouts) and all(casting)
+    else:
+        assert all(type(m) is FastDropout for m in dropouts) and not any(casting)

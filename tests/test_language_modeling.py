@@ -90,8 +90,8 @@ def test_packing_keeps_every_token_once_in_full_blocks(tiny_gpt2: Path, join: st
     recipe = recipe_from_dict(
         lm_recipe(tiny_gpt2, tmp_path, tmp_path, **{"lm.join": join, "lm.block_size": 16})
     )
-    task = get_task(recipe)
-    packed = task.preprocess(DatasetDict({"train": Dataset.from_dict({"text": texts})}), tokenizer)["train"]
+    task = get_task(recipe, tokenizer)
+    packed = task.preprocess(DatasetDict({"train": Dataset.from_dict({"text": texts})}))["train"]
     blocks = packed["input_ids"]
     assert all(len(b) == 16 for b in blocks[:-1]) and 0 < len(blocks[-1]) <= 16
     assert packed["length"] == [len(b) for b in blocks]
@@ -111,11 +111,11 @@ def test_mlm_masks_about_the_probability_and_never_special_tokens(
 ) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert_mlm)
     recipe = recipe_from_dict(lm_recipe(tiny_bert_mlm, tmp_path, tmp_path, task="masked_lm"))
-    task = get_task(recipe)
-    packed = task.preprocess(DatasetDict({"train": Dataset.from_dict({"text": story(400, 3)})}), tokenizer)[
+    task = get_task(recipe, tokenizer)
+    packed = task.preprocess(DatasetDict({"train": Dataset.from_dict({"text": story(400, 3)})}))[
         "train"
     ]
-    collate = task.collator(tokenizer)
+    collate = task.collator()
     torch.manual_seed(0)
     batch = collate([packed[i] for i in range(len(packed))])
     original = torch.nn.utils.rnn.pad_sequence(
@@ -135,8 +135,8 @@ def test_mlm_evaluation_masks_are_fixed(tiny_bert_mlm: Path, tmp_path: Path) -> 
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert_mlm)
     recipe = recipe_from_dict(lm_recipe(tiny_bert_mlm, tmp_path, tmp_path, task="masked_lm"))
     raw = DatasetDict({"validation": Dataset.from_dict({"text": story(50, 4)})})
-    first = get_task(recipe).preprocess(raw, tokenizer)["validation"]
-    again = get_task(recipe).preprocess(raw, tokenizer)["validation"]
+    first = get_task(recipe, tokenizer).preprocess(raw)["validation"]
+    again = get_task(recipe, tokenizer).preprocess(raw)["validation"]
     assert first["labels"] == again["labels"] and first["input_ids"] == again["input_ids"]
     assert any(label != -100 for row in first["labels"] for label in row)
 
@@ -147,10 +147,8 @@ def test_mlm_evaluation_masks_are_fixed(tiny_bert_mlm: Path, tmp_path: Path) -> 
 def test_perplexity_is_exp_of_total_loss_over_total_tokens(tiny_gpt2: Path, tmp_path: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2)
     recipe = recipe_from_dict(lm_recipe(tiny_gpt2, tmp_path, tmp_path, **{"lm.block_size": 24}))
-    task = get_task(recipe)
-    encoded = task.preprocess(
-        DatasetDict({"validation": Dataset.from_dict({"text": story(37, 5)})}), tokenizer
-    )
+    task = get_task(recipe, tokenizer)
+    encoded = task.preprocess(DatasetDict({"validation": Dataset.from_dict({"text": story(37, 5)})}))
     blocks = encoded["validation"]["input_ids"]
     assert len(blocks[-1]) < 24, "a short last block makes a mean of batch means differ"
     model = AutoModelForCausalLM.from_pretrained(tiny_gpt2).eval()
@@ -162,7 +160,7 @@ def test_perplexity_is_exp_of_total_loss_over_total_tokens(tiny_gpt2: Path, tmp_
             total += F.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
             tokens += len(block) - 1
     accelerator = Accelerator(cpu=True)
-    loader = accelerator.prepare(eval_loader(encoded["validation"], 5, task.collator(tokenizer)))
+    loader = accelerator.prepare(eval_loader(encoded["validation"], 5, task.collator()))
     scores = task.evaluate(accelerator.prepare(model), loader, accelerator)
     assert scores["eval_loss"] == pytest.approx(total / tokens, rel=1e-5)
     assert scores["perplexity"] == pytest.approx(math.exp(total / tokens), rel=1e-5)
@@ -307,11 +305,11 @@ def test_whole_word_masking_selects_whole_words(tiny_bert_mlm: Path, tmp_path: P
     recipe = recipe_from_dict(
         lm_recipe(tiny_bert_mlm, tmp_path, tmp_path, task="masked_lm", **{"lm.whole_word_mask": True})
     )
-    task = get_task(recipe)
+    task = get_task(recipe, tokenizer)
     texts = ["the horsefield birdroad foxmat " * 3 for _ in range(40)]  # long words: several word pieces each
-    packed = task.preprocess(DatasetDict({"train": Dataset.from_dict({"text": texts})}), tokenizer)["train"]
+    packed = task.preprocess(DatasetDict({"train": Dataset.from_dict({"text": texts})}))["train"]
     torch.manual_seed(0)
-    batch = task.collator(tokenizer)([packed[i] for i in range(len(packed))])
+    batch = task.collator()([packed[i] for i in range(len(packed))])
     selected = batch["labels"] != -100
     pieces = [
         tokenizer.convert_ids_to_tokens(row) for row in torch.where(selected, batch["labels"], 0).tolist()
@@ -366,9 +364,13 @@ def test_prompt_learning_generation_keeps_its_prompt_with_the_cache(
                                                                      "training.max_steps": 20})  # fmt: skip
     train(recipe_from_dict(raw))
     assert main(["generate", str(tmp_path / "run"), "--prompt", "the fox", "--max-new-tokens", "8"]) == 0
-    assert capsys.readouterr().out.startswith("the fox")
+    printed = capsys.readouterr().out.rstrip("\n")
     _, model, tokenizer, _ = load_final(tmp_path / "run")
     from hf_finetune.tasks.language_modeling import generate
+
+    # the command prints the prompt and the continuation the run's model generates for it
+    continuation = generate(model, tokenizer, ["the fox"], max_new_tokens=8)[0]
+    assert continuation and printed == "the fox" + continuation
 
     prompts = ["the cat flew over the", "the dog", "the horse flew"]
     cached = generate(model, tokenizer, prompts, max_new_tokens=8, batch_size=3)
@@ -379,3 +381,68 @@ def test_prompt_learning_generation_keeps_its_prompt_with_the_cache(
             for _ in range(8):
                 seq = torch.cat([seq, model(input_ids=seq).logits[:, -1:].argmax(-1)], 1)
         assert tokenizer.decode(seq[0]) == prompt + text
+
+
+# ---- the loop's own LM behaviour ----------------------------------------------------------------------------------
+
+
+def test_label_smoothing_through_the_loop_is_the_smoothed_token_loss(
+    tiny_gpt2: Path, lm_data: Path, tmp_path: Path
+) -> None:
+    """The first logged loss of a run with label smoothing is the smoothed cross-entropy of the first batch under the
+    initial weights (the tiny model has no dropout), not the model's own unsmoothed loss."""
+    import hf_finetune.engine as engine
+    from hf_finetune.losses import smoothed_token_loss
+
+    raw = lm_recipe(tiny_gpt2, lm_data, tmp_path / "run", **{
+        "training.label_smoothing": 0.1, "training.max_steps": 2, "training.logging_every": 1,
+    })  # fmt: skip
+    run = engine.setup(recipe_from_dict(raw))
+    run.train_loader.set_epoch(0)
+    batch = next(iter(run.train_loader))
+    with torch.no_grad():
+        out = run.model(**batch)
+    expected = smoothed_token_loss(out.logits, batch["labels"], shift=True, label_smoothing=0.1).item()
+    engine.finish(run, engine.fit(run))
+    first = logged_losses(tmp_path / "run")[0]
+    assert first == pytest.approx(expected, rel=1e-5)
+    # near-uniform initial predictions: smoothing moves the loss little, but well past the tolerance above
+    assert first != pytest.approx(out.loss.item(), rel=1e-5)
+
+
+def test_best_checkpoint_by_perplexity_is_the_lowest(tiny_gpt2: Path, lm_data: Path, tmp_path: Path) -> None:
+    """Perplexity is lower-is-better (the task says so): rotation keeps the checkpoint with the lowest one."""
+    out = tmp_path / "run"
+    raw = lm_recipe(tiny_gpt2, lm_data, out, **{
+        "training.max_steps": 12, "training.eval_every": 2, "training.save_every": 2,
+        "training.save_total_limit": 1, "training.best_metric": "perplexity", "training.lr": 1e-2,
+    })  # fmt: skip
+    results = train(recipe_from_dict(raw))
+    log = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    scored = {r["step"]: r["validation/perplexity"] for r in log if "validation/perplexity" in r and r["step"] < 12}
+    assert len(set(scored.values())) > 1, scored
+    best_step = min(scored, key=scored.get)
+    assert results["best_checkpoint"] == {"checkpoint": f"step_{best_step:08d}", "score": scored[best_step]}
+    assert (out / "checkpoints" / f"step_{best_step:08d}").is_dir()
+
+
+def test_fill_masks_in_batches_equal_one_text_at_a_time(tiny_bert_mlm: Path) -> None:
+    from transformers import AutoModelForMaskedLM
+
+    from hf_finetune.tasks.language_modeling import fill_masks
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert_mlm)
+    model = AutoModelForMaskedLM.from_pretrained(tiny_bert_mlm).eval()
+    m = tokenizer.mask_token
+    texts = [f"the cat {m} on the {m} and", f"the {m} ran home .", f"{m} dog"]
+    batched = fill_masks(model, tokenizer, texts, top_k=3, batch_size=2)
+    for text, got in zip(texts, batched, strict=True):
+        enc = tokenizer(text, return_tensors="pt")
+        with torch.no_grad():
+            logits = model(**enc).logits[0]
+        positions = (enc["input_ids"][0] == tokenizer.mask_token_id).nonzero().flatten().tolist()
+        assert len(got["fills"]) == len(positions) == text.count(m)
+        for pos, fills in zip(positions, got["fills"], strict=True):
+            top = logits[pos].softmax(-1).topk(3)
+            assert [f["token"] for f in fills] == [tokenizer.decode([i]).strip() for i in top.indices.tolist()]
+            assert [f["probability"] for f in fills] == pytest.approx(top.values.tolist(), abs=1e-5)

@@ -3,25 +3,19 @@ and leaving PEFT's input casts to autocast changes no bit of a bf16 step."""
 
 from __future__ import annotations
 
-import typing
+import re
+from pathlib import Path
 
 import pytest
 import torch
 from peft.tuners.lora import Linear as LoraLinear
 from transformers import BertConfig, BertForSequenceClassification
 
+from hf_finetune.device import leave_input_casts_to_autocast
 from hf_finetune.dropout import use_fast_dropout
 from hf_finetune.errors import InputError
-from hf_finetune.methods import (
-    METHOD_NAMES,
-    apply_method,
-    build_optimizer,
-    build_peft_config,
-    leave_input_casts_to_autocast,
-    resolve_method,
-)
-from hf_finetune.methods.defaults import METHOD_DEFAULTS
-from hf_finetune.recipe import MethodConfig, MethodName
+from hf_finetune.methods import apply_method, build_optimizer, build_peft_config, get_method, resolve_method
+from hf_finetune.recipe import MethodConfig
 
 
 def tiny_classifier() -> BertForSequenceClassification:
@@ -31,13 +25,9 @@ def tiny_classifier() -> BertForSequenceClassification:
     return BertForSequenceClassification(config)
 
 
-def test_method_names_match_the_recipe_literal() -> None:
-    assert set(METHOD_NAMES) == set(typing.get_args(MethodName))
-
-
 def test_defaults_fill_unset_fields_and_recipe_values_win() -> None:
     resolved = resolve_method(MethodConfig(name="lora", alpha=8), total_steps=100)
-    assert resolved.r == METHOD_DEFAULTS["lora"]["r"]
+    assert resolved.r == get_method("lora").defaults["r"]
     assert resolved.alpha == 8
 
 
@@ -136,3 +126,47 @@ def test_leaving_input_casts_to_autocast_changes_no_bit() -> None:
     assert torch.equal(logits_after, logits)
     assert grads_after.keys() == grads.keys() and any("lora_A" in n for n in grads)
     assert all(torch.equal(grads_after[n], g) for n, g in grads.items())
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_registry_names_every_method_module_and_each_method_its_own_name() -> None:
+    from hf_finetune.methods import METHODS
+
+    shared = {"__init__", "base", "registry", "virtual_tokens"}
+    files = {p.stem for p in (ROOT / "hf_finetune" / "methods").glob("*.py")} - shared
+    assert files == set(METHODS), "one module per method, each registered under its module's name"
+    for name, method in METHODS.items():
+        assert method.name == name and "lr" in method.defaults
+
+
+def test_readme_methods_table_is_the_registry() -> None:
+    """The README's methods table: one row per registered method, in registry order, with its default lr."""
+    from hf_finetune.methods import METHODS
+
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("<!-- methods table -->", 2)[1].strip().splitlines()
+    rows = [[cell.strip().strip("`") for cell in line.strip("|").split("|")] for line in table[2:]]
+    assert [r[0] for r in rows] == list(METHODS)
+    header = [cell.strip() for cell in table[0].strip("|").split("|")]
+    lr = header.index("default lr")
+    assert [float(r[lr]) for r in rows] == [m.defaults["lr"] for m in METHODS.values()]
+
+
+def test_no_module_outside_its_registry_names_a_method_or_a_task() -> None:
+    """Method names as literals only under hf_finetune/methods/, task names only under hf_finetune/tasks/: everything
+    else asks the registries. ("prompt" is also the field that generation inputs carry.)"""
+    from hf_finetune.methods import METHOD_NAMES
+    from hf_finetune.tasks import TASK_NAMES
+
+    fields = {'"prompt"', "'prompt'"}
+    for names, home, allowed in ((METHOD_NAMES, "methods", fields), (TASK_NAMES, "tasks", set())):
+        alternatives = "|".join(names)
+        pattern = re.compile(rf"""(["'])({alternatives})\1""")
+        for path in (ROOT / "hf_finetune").rglob("*.py"):
+            if home in path.relative_to(ROOT / "hf_finetune").parts:
+                continue
+            for number, line in enumerate(path.read_text().splitlines(), start=1):
+                hits = {m.group(0) for m in pattern.finditer(line)} - allowed
+                assert not hits, f"{path.relative_to(ROOT)}:{number} names {hits}"

@@ -30,13 +30,11 @@ from hf_finetune.errors import InputError
 from hf_finetune.methods.prefix import (
     PREFIX_CONFIG_NAME,
     PREFIX_WEIGHTS_NAME,
-    PROMPT_WEIGHTS_NAME,
-    EncoderPromptModel,
     PrefixConfig,
     PrefixTuningModel,
-    PromptConfig,
     supports_native_prefix,
 )
+from hf_finetune.methods.prompt import PROMPT_WEIGHTS_NAME, EncoderPromptModel, PromptConfig
 
 P = 4  # virtual tokens
 SMALL = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37)
@@ -148,7 +146,8 @@ def test_masked_prefix_matches_plain_model_and_padding_is_neutral(
         inputs["attention_mask"][:, :P] = 0
         masked = model.get_base_model()(**inputs).logits
         expected = plain(input_ids=ids, attention_mask=mask).logits
-        assert torch.equal(masked, expected)
+        # two computation paths (attention over P more, masked, keys): equal up to float32 rounding
+        torch.testing.assert_close(masked, expected, rtol=1e-5, atol=1e-6)
 
         batched = model(input_ids=ids, attention_mask=mask).logits
         assert not torch.allclose(batched, expected, atol=1e-6)  # the prefix does act

@@ -20,7 +20,8 @@ from transformers import BertTokenizer
 import hf_finetune.engine as engine
 from hf_finetune.checkpoint import load_final
 from hf_finetune.cli import main
-from hf_finetune.data import load_split
+from hf_finetune.data import load_split, load_splits
+from hf_finetune.device import Padding
 from hf_finetune.errors import InputError
 from hf_finetune.metrics import load_metric
 from hf_finetune.recipe import SplitConfig, apply_override, recipe_from_dict
@@ -103,7 +104,8 @@ def test_windows_cover_the_context_and_gold_spans_map_back_to_the_answer(tiny_qa
     task.qa.doc_stride = 6  # questions take 5 tokens + 3 special: 16 left for the context
     rows = qa_rows(200, seed=5, words=(0, 60), answer_words=3)
     batch = {k: [r[k] for r in rows] for k in rows[0]} | {"index": list(range(len(rows)))}
-    feats = task.features(tokenizer, batch, keep_offsets=True)
+    task.setup(tokenizer, Padding())
+    feats = task.features(batch, keep_offsets=True)
     by_example = collections.defaultdict(list)
     for f in range(len(feats["input_ids"])):
         by_example[feats["example_index"][f]].append(f)
@@ -296,8 +298,6 @@ def test_misaligned_answer_is_an_error_naming_the_id_or_is_dropped_and_counted(
     write_jsonl(qa_data / "train.jsonl", rows)
     raw = qa_recipe(tiny_qa_bert, qa_data, tmp_path / "out")
     recipe = recipe_from_dict(raw)
-    from hf_finetune.data import load_splits
-
     with pytest.raises(InputError, match=r"data\.train row 3 \(id 's7-3'\).*qa\.misaligned_answers=drop"):
         QuestionAnsweringTask(recipe).prepare(load_splits(recipe.data))
     apply_override(raw, "qa.misaligned_answers=drop")
@@ -316,17 +316,8 @@ TRAINABLE = {"full": ("",), "lora": ("lora_", "qa_outputs"), "adalora": ("lora_"
 
 @pytest.mark.parametrize("method", list(LRS))
 def test_method_trains_only_its_parameters_and_reloads(
-    method: str, tiny_qa_bert: Path, qa_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    method: str, tiny_qa_bert: Path, qa_data: Path, tmp_path: Path
 ) -> None:
-    seen: dict = {}
-    real = engine.apply_method
-
-    def spy(*args, **kwargs):
-        model, hook = real(*args, **kwargs)
-        seen["model"], seen["before"] = model, {n: p.detach().clone() for n, p in model.named_parameters()}
-        return model, hook
-
-    monkeypatch.setattr(engine, "apply_method", spy)
     out = tmp_path / "run"
     raw = qa_recipe(
         tiny_qa_bert,
@@ -334,7 +325,9 @@ def test_method_trains_only_its_parameters_and_reloads(
         out,
         **{"method.name": method, "training.lr": LRS[method], "training.epochs": 3},
     )
-    results = engine.train(recipe_from_dict(raw))
+    run = engine.setup(recipe_from_dict(raw))
+    seen = {"model": run.unwrapped, "before": {n: p.detach().clone() for n, p in run.unwrapped.named_parameters()}}
+    results = engine.finish(run, engine.fit(run))
     assert {"exact_match", "f1", "eval_loss"} <= results["metrics"].keys()
     losses = [
         r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r
@@ -345,7 +338,7 @@ def test_method_trains_only_its_parameters_and_reloads(
     for name, param in model.named_parameters():
         intended = any(key in name for key in TRAINABLE[method]) and "original_module" not in name
         assert param.requires_grad == intended, name
-        if not intended:
+        if not intended and "ranknum" not in name:  # AdaLoRA's rank count follows its layers' kept ranks
             assert torch.equal(param, seen["before"][name]), name
     changed = [
         n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, seen["before"][n])
@@ -360,13 +353,8 @@ def test_method_trains_only_its_parameters_and_reloads(
     )
     with torch.no_grad():
         a, b = model.eval()(**batch), reloaded(**batch)
-    if method == "adalora":
-        # PEFT rebuilds AdaLoRA's layers from the saved rank pattern; the end logits then differ in the last bit
-        # (seen: 4.8e-7), the start logits not at all
-        torch.testing.assert_close(a.start_logits, b.start_logits, rtol=0, atol=1e-5)
-        torch.testing.assert_close(a.end_logits, b.end_logits, rtol=0, atol=1e-5)
-    else:
-        assert torch.equal(a.start_logits, b.start_logits) and torch.equal(a.end_logits, b.end_logits)
+    # AdaLoRA too: its trained layers shrink to the kept ranks, as PEFT rebuilds them from the saved rank pattern
+    assert torch.equal(a.start_logits, b.start_logits) and torch.equal(a.end_logits, b.end_logits)
 
 
 def test_cli_predictions_scored_by_the_official_algorithm_equal_our_metric(
@@ -450,5 +438,10 @@ def test_csv_with_answers_as_json_and_other_column_names(tiny_qa_bert: Path, tmp
         "columns": {"id": "qid", "question": "q", "context": "passage", "answers": "gold"},
     }
     raw["training"]["max_steps"] = 2
-    results = engine.train(recipe_from_dict(raw))
-    assert results["metrics"]["f1"] >= 0 and results["steps"] == 2
+    recipe = recipe_from_dict(raw)
+    splits = load_splits(recipe.data)
+    QuestionAnsweringTask(recipe).prepare(splits)  # the JSON column read back as SQuAD answers, under our names
+    assert splits["validation"]["answers"] == [r["answers"] for r in rows]
+    assert splits["validation"]["id"] == [r["id"] for r in rows]
+    results = engine.train(recipe)
+    assert results["steps"] == 2 and {"exact_match", "f1", "eval_loss"} <= results["metrics"].keys()

@@ -13,8 +13,10 @@ RECIPES = sorted((Path(__file__).parent.parent / "recipes").rglob("*.yaml"))
 SST2 = Path(__file__).parent.parent / "recipes" / "classification" / "sst2.yaml"
 
 
-def test_recipes_exist() -> None:
-    assert len(RECIPES) >= 3
+def test_recipes_cover_every_task() -> None:
+    from hf_finetune.tasks import TASK_NAMES
+
+    assert {load_recipe(path).task for path in RECIPES} == set(TASK_NAMES)
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(p.parent.parent.parent)))

@@ -115,8 +115,8 @@ def test_save_total_limit_keeps_last_and_best(
     # accuracy as seen at steps 2, 4, ..., 10 and at the end: it peaks at step 4, whose checkpoint must outlive rotation
     fake = iter([0.5, 0.9, 0.6, 0.7, 0.8, 0.55])
 
-    def evaluate(self, model, loader, accelerator):
-        return {**real_evaluate(self, model, loader, accelerator), "accuracy": next(fake)}
+    def evaluate(self, model, loader, accelerator, split="validation"):
+        return {**real_evaluate(self, model, loader, accelerator, split), "accuracy": next(fake)}
 
     monkeypatch.setattr(ClassificationTask, "evaluate", evaluate)
     results = engine.train(recipe_from_dict(raw))
@@ -127,35 +127,33 @@ def test_save_total_limit_keeps_last_and_best(
 
 
 def nan_at(call: int):
-    """A forward hook turning the loss of the `call`-th training forward into NaN."""
+    """A forward hook for every module (torch's global hook: the package has no test switch) turning the loss of the
+    `call`-th training forward into NaN."""
     calls = {"n": 0}
 
     def hook(module, args, output):
-        if module.training:
+        # only the model's own output carries the loss
+        if module.training and isinstance(output, dict) and output.get("loss") is not None:
             calls["n"] += 1
             if calls["n"] == call:
                 output["loss"] = output["loss"] * float("nan")
         return output
 
-    return hook
+    return torch.nn.modules.module.register_module_forward_hook(hook)
 
 
 def test_nonfinite_loss_stops_with_step_and_keeps_checkpoint(
-    tiny_bert: Path, data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+    tiny_bert: Path, data_dir: Path, tmp_path: Path, capsys
 ) -> None:
     out = tmp_path / "run"
-    real = engine.apply_method
-
-    def with_nan(*args, **kwargs):
-        model, hook = real(*args, **kwargs)
-        model.register_forward_hook(nan_at(7))
-        return model, hook
-
-    monkeypatch.setattr(engine, "apply_method", with_nan)
     raw = tiny_recipe(tiny_bert, data_dir, out, **{"method.name": "full", "training.save_every": 3})
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(raw))
-    assert main(["train", str(recipe)]) == 2
+    handle = nan_at(7)
+    try:
+        assert main(["train", str(recipe)]) == 2
+    finally:
+        handle.remove()
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("hf-finetune: error")]
     assert len(errors) == 1 and "training step 7: loss is nan" in errors[0] and "step_00000006" in errors[0]
     assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_00000003", "step_00000006"]
@@ -164,7 +162,11 @@ def test_nonfinite_loss_stops_with_step_and_keeps_checkpoint(
     # skipping instead: the run finishes, the bad step is logged, and weights stay finite
     raw["output_dir"] = str(tmp_path / "skip")
     raw["training"].update(skip_nonfinite_batches=True, max_steps=10)
-    results = engine.train(recipe_from_dict(raw))
+    handle = nan_at(7)
+    try:
+        results = engine.train(recipe_from_dict(raw))
+    finally:
+        handle.remove()
     assert results["steps"] == 10
     assert any(r.get("skipped_nonfinite_batch") and r["step"] == 7 for r in losses(tmp_path / "skip"))
     assert all(torch.isfinite(w).all() for w in weights(tmp_path / "skip").values())

@@ -3,58 +3,58 @@
 from __future__ import annotations
 
 import sys
-import typing
 from pathlib import Path
 
 import pytest
-import torch
 from transformers import AutoTokenizer
 
 import hf_finetune.tasks as tasks
-from hf_finetune.padding import BucketedPadding, bucket_width
-from hf_finetune.recipe import Recipe, TaskName
+from hf_finetune.device import Padding, RulePadding, bucket_width, padding_for
+from hf_finetune.errors import InputError
+from hf_finetune.recipe import Recipe, recipe_from_dict
 from hf_finetune.tasks.classification import ClassificationTask
 
 
-def test_registry_matches_files_and_recipe_literal() -> None:
-    files = {p.stem for p in Path(tasks.__file__).parent.glob("*.py") if p.stem != "__init__"}
-    modules = {sys.modules[cls.__module__].__file__ and Path(sys.modules[cls.__module__].__file__).stem
-               for cls in tasks.TASKS.values()}  # fmt: skip
+def test_registry_names_every_task_module_and_each_task_its_own_name() -> None:
+    files = {p.stem for p in Path(tasks.__file__).parent.glob("*.py") if p.stem not in ("__init__", "base")}
+    modules = {Path(sys.modules[cls.__module__].__file__).stem for cls in tasks.TASKS.values()}
     assert modules == files, "every task module is registered, and nothing else"
-    assert set(tasks.TASK_NAMES) == set(typing.get_args(TaskName))
-    for name in tasks.TASK_NAMES:
+    for name, cls in tasks.TASKS.items():
+        assert cls.name == name
+        assert cls.primary_metric in cls.metrics and cls.metrics["eval_loss"] is False
         task = tasks.get_task(Recipe(task=name))
-        assert isinstance(task.higher_is_better, bool) and task.primary_metric
         if name != "masked_lm":  # PEFT has no masked-LM task type
             assert task.peft_task_type
         if name in ("classification", "question_answering"):  # fresh heads; LM and seq2seq heads are pretrained
             assert task.head_modules
 
 
-def test_help_lists_every_task() -> None:
-    from hf_finetune.cli import EPILOG
-
-    listed = EPILOG.splitlines()[0].removeprefix("tasks: ").split(", ")
-    assert listed == list(tasks.TASK_NAMES)
+def test_recipe_rejects_an_unknown_task_with_the_nearest_name() -> None:
+    with pytest.raises(InputError, match=r"'task': 'clasification' is not one of .*did you mean 'classification'"):
+        recipe_from_dict({"task": "clasification", "data": {"train": {"path": "x"}}})
 
 
 @pytest.mark.parametrize(
-    ("cuda", "precision", "longest", "width"),
-    [(False, "bf16", 5, 5), (False, "bf16", 17, 20), (False, "fp32", 17, 17), (True, "bf16", 5, 8), (True, "fp32", 17, 24)],
+    ("device", "precision", "longest", "width"),
+    [("cpu", "bf16", 5, 5), ("cpu", "bf16", 17, 20), ("cpu", "no", 17, 17), ("cuda", "bf16", 5, 8), ("cuda", "no", 17, 24)],
 )
 def test_classification_pads_to_multiples_of_8_on_gpus_and_to_width_buckets_on_cpus_in_bf16(
-    tiny_bert: Path, monkeypatch: pytest.MonkeyPatch, cuda: bool, precision: str, longest: int, width: int
+    tiny_bert: Path, device: str, precision: str, longest: int, width: int
 ) -> None:
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
-    recipe = Recipe()
-    recipe.training.precision = precision
-    collate = ClassificationTask(recipe).collator(tokenizer)
+    task = ClassificationTask(Recipe())
+    task.setup(tokenizer, padding_for(device, precision))
+    collate = task.collator()
     batch = collate([{"input_ids": list(range(1, longest + 1)), "labels": 0}, {"input_ids": [1, 2], "labels": 1}])
     assert batch["input_ids"].shape == (2, width)
     assert batch["attention_mask"].sum(1).tolist() == [longest, 2]
     assert (batch["input_ids"][0, longest:] == tokenizer.pad_token_id).all()
     assert batch["labels"].tolist() == [0, 1]
+
+
+def test_cpu_tuning_off_pads_to_the_longest_row() -> None:
+    assert padding_for("cpu", "bf16", "off") == Padding() and padding_for("cpu", "bf16", "auto") == Padding(buckets=True)
+    assert padding_for("cuda", "bf16", "off") == Padding(multiple=8)
 
 
 def test_width_buckets_keep_three_leading_bits() -> None:
@@ -68,6 +68,6 @@ def test_width_buckets_keep_three_leading_bits() -> None:
 
 
 def test_bucketed_padding_stops_at_max_length(tiny_bert: Path) -> None:
-    collate = BucketedPadding(AutoTokenizer.from_pretrained(tiny_bert), max_length=18)
+    collate = RulePadding(AutoTokenizer.from_pretrained(tiny_bert), max_length=18, rule=Padding(buckets=True))
     batch = collate([{"input_ids": list(range(1, 18))}, {"input_ids": [1]}])
     assert batch["input_ids"].shape == (2, 18)  # the bucket, 20, capped

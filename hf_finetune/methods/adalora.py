@@ -7,7 +7,10 @@ allocate ranks differently.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -126,6 +129,14 @@ class AdaLoRA(Method):
             getattr(allocator, kind)[name] = tensor.to(device)
         model.peft_config["default"].rank_pattern = meta["rank_pattern"]
 
+    def save(self, model: torch.nn.Module, folder: Path, state_dict: dict[str, torch.Tensor] | None) -> None:
+        with _quiet_rank_pattern():
+            super().save(model, folder, state_dict)
+
+    def load(self, base: torch.nn.Module, folder: Path) -> torch.nn.Module:
+        with _quiet_rank_pattern():
+            return super().load(base, folder)
+
     def final_trainable(self, model_dir: Path, trainable: int) -> int:
         """Parameters left after pruning: ranks kept x (in + out + 1), plus what trains in full."""
         config_file = model_dir / "adapter_config.json"
@@ -147,6 +158,17 @@ class AdaLoRA(Method):
                 continue
             removed += (len(mask) - sum(bool(m) for m in mask)) * (a[1] + b[0] + 1)
         return trainable - removed
+
+
+@contextlib.contextmanager
+def _quiet_rank_pattern() -> Iterator[None]:
+    """PEFT 0.21 warns on every AdaLoRA save and load, wrongly for AdaLoRA: LoRA's check reads the rank pattern's
+    parameter-name keys as module names ("did not match any targeted module"), which AdaLoRA's own loader then
+    applies; and a layer pruned to rank 0 is taken for an ungathered ZeRO-3/FSDP shard ("invalid shape")."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*rank_pattern keys did not match any targeted module")
+        warnings.filterwarnings("ignore", message=r".*LoRA tensor\(s\) have invalid shape")
+        yield
 
 
 METHOD = AdaLoRA()

@@ -135,10 +135,6 @@ class Method:
         """The weights file `save` wrote and the tensors it must hold (None: only that it is non-empty)."""
         return folder / SAFETENSORS_WEIGHTS_NAME, get_peft_model_state_dict(model)
 
-    def is_saved_in(self, folder: Path) -> bool:
-        """Whether `folder` holds this method's saved weights (a PEFT adapter by default)."""
-        return (folder / "adapter_config.json").is_file()
-
     def load(self, base: torch.nn.Module, folder: Path) -> torch.nn.Module:
         """The trained model from the base model and the folder `save` wrote."""
         return PeftModel.from_pretrained(base, folder)

@@ -21,7 +21,6 @@ import contextvars
 import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -36,8 +35,8 @@ from transformers.models.auto.modeling_auto import (
 )
 
 from hf_finetune.errors import InputError
-from hf_finetune.methods.base import Method, TaskInfo, freeze_unsaved
-from hf_finetune.methods.virtual_tokens import SoftPromptWrapper, fix_generation_cache
+from hf_finetune.methods.base import TaskInfo, freeze_unsaved
+from hf_finetune.methods.virtual_tokens import SoftPromptWrapper, VirtualTokenMethod
 
 if TYPE_CHECKING:
     from hf_finetune.recipe import MethodConfig
@@ -317,7 +316,7 @@ class PrefixTuningModel(SoftPromptWrapper):
             return self.base_model.generate(*args, **kwargs)
 
 
-class PrefixTuning(Method):
+class PrefixTuning(VirtualTokenMethod):
     name = "prefix"
     # Li & Liang 2021: 20 virtual tokens, MLP reparameterisation with a 512-wide hidden layer. P-Tuning v2's lr
     # 5e-3..1e-2 (Liu et al. 2022) is for the raw prefix (prefix_projection off; 0.77 here at 5e-3); the MLP needs a
@@ -333,7 +332,7 @@ class PrefixTuning(Method):
         "encoder_hidden_size": 512,
         "dropout": 0.0,
     }
-    adds_virtual_tokens = True
+    wrapper = PrefixTuningModel
     in_default_comparison = True
 
     def peft_config(self, cfg: MethodConfig, task: TaskInfo, heads: list[str]) -> PrefixTuningConfig:
@@ -347,7 +346,7 @@ class PrefixTuning(Method):
 
     def apply(self, model: torch.nn.Module, cfg: MethodConfig, task: TaskInfo) -> torch.nn.Module:
         if supports_native_prefix(model):
-            return fix_generation_cache(super().apply(model, cfg, task))
+            return super().apply(model, cfg, task)
         # PEFT 0.21 refuses prefix tuning on encoders and *ForSequenceClassification ("Model does not support past
         # key values"), so these go through our own cache-based prefix module.
         freeze_unsaved(model)
@@ -364,19 +363,6 @@ class PrefixTuning(Method):
         # PEFT's prefix on a generative decoder numbers the text after its cache; our own prefix (encoders,
         # classification and QA heads, BERT2BERT) keeps the text's positions from 0
         return self.resolve(cfg, total_steps=1).num_virtual_tokens if decoder_only and generative else 0
-
-    def saved_weights(self, model: torch.nn.Module, folder: Path) -> tuple[Path, dict[str, torch.Tensor] | None]:
-        if isinstance(model, SoftPromptWrapper):
-            return folder / model.WEIGHTS_NAME, model._trainable_state()
-        return super().saved_weights(model, folder)
-
-    def is_saved_in(self, folder: Path) -> bool:
-        return (folder / PREFIX_CONFIG_NAME).is_file() or super().is_saved_in(folder)
-
-    def load(self, base: torch.nn.Module, folder: Path) -> torch.nn.Module:
-        if (folder / PREFIX_CONFIG_NAME).is_file():
-            return PrefixTuningModel.from_pretrained(base, folder)
-        return fix_generation_cache(super().load(base, folder))
 
 
 METHOD = PrefixTuning()

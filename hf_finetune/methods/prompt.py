@@ -5,7 +5,6 @@ goes through our own `EncoderPromptModel`."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -13,8 +12,8 @@ from peft import PromptTuningConfig
 from transformers import PreTrainedModel
 
 from hf_finetune.errors import InputError
-from hf_finetune.methods.base import Method, TaskInfo, freeze_unsaved
-from hf_finetune.methods.virtual_tokens import SoftPromptWrapper, fix_generation_cache
+from hf_finetune.methods.base import TaskInfo, freeze_unsaved
+from hf_finetune.methods.virtual_tokens import SoftPromptWrapper, VirtualTokenMethod
 
 if TYPE_CHECKING:
     from hf_finetune.recipe import MethodConfig
@@ -97,11 +96,11 @@ class EncoderPromptModel(SoftPromptWrapper):
         return self.base_model.generate(**self._with_prompt(input_ids, attention_mask, inputs_embeds), **kwargs)
 
 
-class PromptTuning(Method):
+class PromptTuning(VirtualTokenMethod):
     name = "prompt"
     # Lester et al. 2021 train input embeddings only and need a large step (0.3 with Adafactor there); 3e-2 with AdamW.
     defaults = {"lr": 3e-2, "num_virtual_tokens": 20}
-    adds_virtual_tokens = True
+    wrapper = EncoderPromptModel
 
     def peft_config(self, cfg: MethodConfig, task: TaskInfo, heads: list[str]) -> PromptTuningConfig:
         return PromptTuningConfig(
@@ -110,7 +109,7 @@ class PromptTuning(Method):
 
     def apply(self, model: torch.nn.Module, cfg: MethodConfig, task: TaskInfo) -> torch.nn.Module:
         if model.config.model_type != "encoder-decoder":
-            return fix_generation_cache(super().apply(model, cfg, task))
+            return super().apply(model, cfg, task)
         # PEFT 0.21 refuses prompt tuning on a BERT2BERT EncoderDecoderModel as it does prefix tuning
         freeze_unsaved(model)
         config = PromptConfig(cfg.num_virtual_tokens, modules_to_save=self.heads(model, cfg, task))
@@ -118,19 +117,6 @@ class PromptTuning(Method):
 
     def virtual_positions(self, cfg: MethodConfig, decoder_only: bool, generative: bool) -> int:
         return self.resolve(cfg, total_steps=1).num_virtual_tokens  # soft tokens take positions before the text
-
-    def saved_weights(self, model: torch.nn.Module, folder: Path) -> tuple[Path, dict[str, torch.Tensor] | None]:
-        if isinstance(model, SoftPromptWrapper):
-            return folder / model.WEIGHTS_NAME, model._trainable_state()
-        return super().saved_weights(model, folder)
-
-    def is_saved_in(self, folder: Path) -> bool:
-        return (folder / PROMPT_CONFIG_NAME).is_file() or super().is_saved_in(folder)
-
-    def load(self, base: torch.nn.Module, folder: Path) -> torch.nn.Module:
-        if (folder / PROMPT_CONFIG_NAME).is_file():
-            return EncoderPromptModel.from_pretrained(base, folder)
-        return fix_generation_cache(super().load(base, folder))
 
 
 METHOD = PromptTuning()

@@ -6,17 +6,19 @@ Everything that lists methods derives from this dict: the recipe's allowed value
 
 from __future__ import annotations
 
-from hf_finetune.methods import adalora, dora, full, ia3, lora, prefix, prompt
+from hf_finetune.methods import adalora, dora, full, ia3, lokr, lora, prefix, prompt, vera
 from hf_finetune.methods.base import Method
 
 METHODS: dict[str, Method] = {
     "full": full.METHOD,
     "lora": lora.METHOD,
-    "dora": dora.METHOD,
     "adalora": adalora.METHOD,
-    "ia3": ia3.METHOD,
-    "prompt": prompt.METHOD,
     "prefix": prefix.METHOD,
+    "prompt": prompt.METHOD,
+    "ia3": ia3.METHOD,
+    "dora": dora.METHOD,
+    "lokr": lokr.METHOD,
+    "vera": vera.METHOD,
 }
 METHOD_NAMES = tuple(METHODS)
 DEFAULT_METHOD = lora.METHOD.name

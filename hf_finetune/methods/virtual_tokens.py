@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
 from hf_finetune.errors import InputError
+from hf_finetune.methods.base import Method, TaskInfo
 
 
 class SoftPromptWrapper(torch.nn.Module):
@@ -149,3 +150,25 @@ def fix_generation_cache(model: torch.nn.Module) -> torch.nn.Module:
     model.prepare_inputs_for_generation = prepare
     model._generation_cache_fixed = True
     return model
+
+
+class VirtualTokenMethod(Method):
+    """Prefix and prompt tuning: PEFT's model wherever PEFT serves the model (its generation cache fixed), our
+    `wrapper` where PEFT refuses it."""
+
+    adds_virtual_tokens = True
+    wrapper: type[SoftPromptWrapper]
+
+    def apply(self, model: torch.nn.Module, cfg: Any, task: TaskInfo) -> torch.nn.Module:
+        return fix_generation_cache(super().apply(model, cfg, task))
+
+    def saved_weights(self, model: torch.nn.Module, folder: Path) -> tuple[Path, dict[str, torch.Tensor] | None]:
+        if isinstance(model, SoftPromptWrapper):
+            return folder / model.WEIGHTS_NAME, model._trainable_state()
+        return super().saved_weights(model, folder)
+
+    def load(self, base: torch.nn.Module, folder: Path) -> torch.nn.Module:
+        if (folder / self.wrapper.CONFIG_NAME).is_file():
+            return self.wrapper.from_pretrained(base, folder)
+        return fix_generation_cache(super().load(base, folder))
+

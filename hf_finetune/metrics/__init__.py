@@ -5,17 +5,9 @@ from typing import Any
 
 import evaluate
 
-# name -> folder under hf_finetune/metrics/; keys equal folder names because evaluate expects
-# <name>/<name>.py (the module's name is taken from the script's stem).
-METRICS: dict[str, str] = {
-    "classification": "classification",
-    "perplexity": "perplexity",
-    "squad": "squad",
-    "summarization": "summarization",
-    "translation": "translation",
-}
-
 _HERE = Path(__file__).resolve().parent
+# every <name>/<name>.py under hf_finetune/metrics/: evaluate takes the module's name from the script's stem
+METRICS: tuple[str, ...] = tuple(sorted(p.name for p in _HERE.iterdir() if (p / f"{p.name}.py").is_file()))
 
 
 def load_metric(name: str, **kwargs: Any) -> evaluate.EvaluationModule:
@@ -25,6 +17,5 @@ def load_metric(name: str, **kwargs: Any) -> evaluate.EvaluationModule:
     """
     if name not in METRICS:
         raise ValueError(f"Unknown metric {name!r}; available: {', '.join(sorted(METRICS))}")
-    folder = METRICS[name]
     # An absolute path to a .py file makes evaluate use its local-script factory, never the Hub.
-    return evaluate.load(str(_HERE / folder / f"{folder}.py"), **kwargs)
+    return evaluate.load(str(_HERE / name / f"{name}.py"), **kwargs)

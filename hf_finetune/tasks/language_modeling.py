@@ -24,6 +24,7 @@ from transformers import (
     AutoModelForMaskedLM,
     AutoTokenizer,
     DataCollatorForLanguageModeling,
+    DataCollatorWithPadding,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -31,7 +32,7 @@ from transformers import (
 from hf_finetune.data import require_columns, resolve_path
 from hf_finetune.device import Padding, right_pad
 from hf_finetune.errors import InputError
-from hf_finetune.inference import gathered_outputs
+from hf_finetune.inference import batched_rows, gathered_outputs
 from hf_finetune.losses import token_losses
 from hf_finetune.metrics import load_metric
 from hf_finetune.tasks.base import PositionBudget, TaskBase, positive
@@ -251,7 +252,7 @@ class LanguageModelingTask(TaskBase):
                 model, self.tokenizer, prompts, batch_size=self.recipe.training.eval_batch, **generation
             )
             return [{"generated": t} for t in texts]
-        return fill_masks(model, self.tokenizer, prompts)
+        return fill_masks(model, self.tokenizer, prompts, batch_size=self.recipe.training.eval_batch)
 
     def checkpoint_info(self) -> dict[str, Any]:
         return {"join": self.join}
@@ -411,26 +412,32 @@ def _runs(order: list[int], lengths: list[int]) -> list[list[int]]:
     return runs
 
 
-@torch.no_grad()
 def fill_masks(
-    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, texts: list[str], top_k: int = 5
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: list[str],
+    top_k: int = 5,
+    batch_size: int = 16,
 ) -> list[dict]:
-    device = next(model.parameters()).device
-    model.eval()
-    out = []
-    for text in texts:
-        enc = tokenizer(text, return_tensors="pt").to(device)
-        logits = model(**enc).logits[0]
-        positions = (enc["input_ids"][0] == tokenizer.mask_token_id).nonzero().flatten().tolist()
-        fills = []
-        for pos in positions:
-            probs = logits[pos].float().softmax(-1)
-            top = probs.topk(top_k)
-            fills.append(
-                [
-                    {"token": tokenizer.decode([i]).strip(), "probability": p}
-                    for p, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)
-                ]
-            )
-        out.append({"fills": fills})
+    """The `top_k` likeliest tokens at each mask token of each text, batched by length."""
+    features = [tokenizer(text, truncation=True) for text in texts]
+    collate = DataCollatorWithPadding(tokenizer)
+
+    def forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"logits": model(**batch).logits.float(), "input_ids": batch["input_ids"]}
+
+    out: list[dict] = [{} for _ in texts]
+    for idx, result in batched_rows(model, features, collate, batch_size, forward):
+        for row, i in enumerate(idx):
+            positions = (result["input_ids"][row] == tokenizer.mask_token_id).nonzero().flatten().tolist()
+            fills = []
+            for pos in positions:
+                top = result["logits"][row, pos].softmax(-1).topk(top_k)
+                fills.append(
+                    [
+                        {"token": tokenizer.decode([t]).strip(), "probability": p}
+                        for p, t in zip(top.values.tolist(), top.indices.tolist(), strict=True)
+                    ]
+                )
+            out[i] = {"fills": fills}
     return out
