@@ -410,11 +410,38 @@ def plots(
     return paths
 
 
+def plan_schedule(recipe: Recipe, world: int | None = None) -> Any:
+    """The schedule the engine's `setup` computes (`sampling.make_schedule`), without loading weights: the task's own rows (after packing or windowing)
+    of the tokenised training split, over `world` processes (default: the launcher's)."""
+    import tempfile
+
+    from hf_finetune.data import load_splits
+    from hf_finetune.device import padding_for_recipe
+    from hf_finetune.hub import load_tokenizer, resolve_model
+    from hf_finetune.sampling import make_schedule
+    from hf_finetune.scratch import write_scratch_model
+    from hf_finetune.tasks import get_task
+
+    world = world or int(os.environ.get("WORLD_SIZE", "1"))
+    task = get_task(recipe)
+    raw = load_splits(dataclasses.replace(recipe.data, validation=None, test=None))
+    task.prepare(raw)
+    with tempfile.TemporaryDirectory() as tmp:
+        scratch = recipe.model.from_scratch
+        if scratch is not None:  # the tokenizer the run would train (its model is built too, at random: small)
+            texts = task.tokenizer_corpus(raw) if scratch.tokenizer is None else ()
+            seed = recipe.training.seed
+            path = str(write_scratch_model(Path(tmp), scratch.architecture, texts or (), scratch, seed, scratch.tokenizer))
+        else:
+            path = resolve_model(recipe.model.encoder_decoder_from or recipe.model.name_or_path, recipe.model.revision)
+        task.setup(load_tokenizer(path, recipe), padding_for_recipe(recipe.training.precision, recipe.training.cpu_tuning))
+        encoded = task.preprocess(raw)
+    return make_schedule(len(encoded["train"]), recipe.training, world)
+
+
 def dry_run(base: Recipe, runs: list[Run]) -> str:
     """The plan: each run's method, seed, hyperparameters and optimizer steps (the engine's own count: the task's rows
     after packing or windowing, over the launcher's processes), and whether it would be reused."""
-    from hf_finetune.engine import plan_schedule
-
     schedules: dict[str, Any] = {}
     lines = [f"{len(runs)} runs into {base.output_dir}"]
     for run in runs:

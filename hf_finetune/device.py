@@ -11,14 +11,21 @@ import contextlib
 import dataclasses
 import os
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, TorchDynamoPlugin
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import DataCollatorWithPadding
 
 from hf_finetune.dropout import use_fast_dropout
-from hf_finetune.system import choose_precision
+from hf_finetune.system import choose_precision, prepare_run
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from hf_finetune.recipe import TrainingConfig
 
 # GPU tensor-core tiles: widths in multiples of 8, the `pad_to_multiple_of` transformers' collators offer
 GPU_MULTIPLE = 8
@@ -93,6 +100,33 @@ class RulePadding(DataCollatorWithPadding):
         width = self.rule.width(max(len(f["input_ids"]) for f in features), self.max_length)
         fixed = dataclasses.replace(self, padding="max_length", max_length=width, pad_to_multiple_of=None)
         return DataCollatorWithPadding.__call__(fixed, features)
+
+
+def make_accelerator(t: TrainingConfig, out: Path) -> Accelerator:
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    has_device = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+    prepare_run()  # this recipe's precision and dynamo plugin, not a previous run's
+    accelerator = Accelerator(
+        gradient_accumulation_steps=t.grad_accum,
+        mixed_precision=choose_precision(t.precision),
+        log_with="tensorboard",
+        project_dir=str(out),
+        # The loader yields global batches that accelerate splits evenly across processes, so N processes with batch
+        # b see exactly the batches of one process with batch N*b: same data order, same loss curve, same schedule
+        # (the scheduler then steps once per optimizer step instead of N times).
+        dataloader_config=DataLoaderConfiguration(split_batches=True),
+        # `accelerate launch --multi_gpu` on a machine without GPUs starts torchrun processes that accelerate 1.15
+        # would run as unrelated single processes; cpu=True makes them one gloo process group
+        cpu=launched > 1 and not has_device,
+        # regional compilation compiles one encoder/decoder block and reuses it for the others (minutes less on a CPU)
+        dynamo_plugin=TorchDynamoPlugin(backend="inductor", use_regional_compilation=True) if t.compile else None,
+    )
+    if accelerator.num_processes != launched:
+        raise RuntimeError(
+            f"the launcher started {launched} processes but accelerate sees {accelerator.num_processes}; "
+            "they would train independently and write over each other's files"
+        )
+    return accelerator
 
 
 # ---- CPU tuning -----------------------------------------------------------------------------------------------------

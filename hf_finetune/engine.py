@@ -10,9 +10,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
-import math
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,72 +18,25 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import (
-    DataLoaderConfiguration,
     DistributedType,
-    TorchDynamoPlugin,
     gather_object,
     set_seed,
 )
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoTokenizer, get_scheduler
+from transformers import get_scheduler
 
 from hf_finetune import checkpoint
 from hf_finetune.data import load_splits
-from hf_finetune.device import Padding, cpu_process_settings, padding_for, tune_model_for_cpu
+from hf_finetune.device import cpu_process_settings, make_accelerator, padding_for, tune_model_for_cpu
 from hf_finetune.errors import InputError
-from hf_finetune.hub import resolve_model
+from hf_finetune.hub import check_model, count_parameters, load_tokenizer, resolve_model
 from hf_finetune.losses import smoothed_token_loss
 from hf_finetune.methods import Method, TaskInfo, build_optimizer, get_method
-from hf_finetune.recipe import MethodConfig, Recipe, TrainingConfig
-from hf_finetune.sampling import LengthGroupedSampler, eval_loader
-from hf_finetune.system import choose_precision, peak_memory_mb, prepare_run, versions
+from hf_finetune.recipe import MethodConfig, Recipe
+from hf_finetune.sampling import Schedule, build_loaders, make_schedule
+from hf_finetune.scratch import build_from_scratch
+from hf_finetune.system import peak_memory_mb, versions
 from hf_finetune.tasks import Task, get_task
-
-
-@dataclass
-class Schedule:
-    """How a run's examples turn into optimizer steps."""
-
-    per_epoch: int
-    total_steps: int
-    epochs: int
-    global_batch: int
-    """Examples per optimizer step: batch_size x processes x grad_accum."""
-
-
-def make_schedule(num_examples: int, t: TrainingConfig, world: int) -> Schedule:
-    """The loader deals global batches (split across processes) and accelerate syncs gradients at the end of the epoch
-    even when the last accumulation window is short."""
-    per_epoch = math.ceil(math.ceil(num_examples / (t.batch_size * world)) / t.grad_accum)
-    total = t.max_steps or max(1, math.ceil(per_epoch * t.epochs))
-    return Schedule(per_epoch, total, math.ceil(total / per_epoch), t.batch_size * world * t.grad_accum)
-
-
-def plan_schedule(recipe: Recipe, world: int | None = None) -> Schedule:
-    """The schedule `setup` would compute, without loading weights: the task's own rows (after packing or windowing)
-    of the tokenised training split, over `world` processes (default: the launcher's)."""
-    import dataclasses
-    import tempfile
-
-    from hf_finetune.device import padding_for_recipe
-    from hf_finetune.scratch import write_scratch_model
-
-    world = world or int(os.environ.get("WORLD_SIZE", "1"))
-    task = get_task(recipe)
-    raw = load_splits(dataclasses.replace(recipe.data, validation=None, test=None))
-    task.prepare(raw)
-    with tempfile.TemporaryDirectory() as tmp:
-        scratch = recipe.model.from_scratch
-        if scratch is not None:  # the tokenizer the run would train (its model is built too, at random: small)
-            texts = task.tokenizer_corpus(raw) if scratch.tokenizer is None else ()
-            seed = recipe.training.seed
-            path = str(write_scratch_model(Path(tmp), scratch.architecture, texts or (), scratch, seed, scratch.tokenizer))
-        else:
-            path = resolve_model(recipe.model.encoder_decoder_from or recipe.model.name_or_path, recipe.model.revision)
-        task.setup(load_tokenizer(path, recipe), padding_for_recipe(recipe.training.precision, recipe.training.cpu_tuning))
-        encoded = task.preprocess(raw)
-    return make_schedule(len(encoded["train"]), recipe.training, world)
 
 
 @dataclass
@@ -395,85 +345,6 @@ def finish(run: Run, state: LoopState) -> dict[str, Any]:
     return results
 
 
-def load_tokenizer(model_path: str, recipe: Recipe) -> Any:
-    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=recipe.model.trust_remote_code)
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        # GPT-style tokenizers ship without a pad token; batches need one
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def build_from_scratch(
-    recipe: Recipe, task: Task, raw: Any, out: Path, accelerator: Accelerator, resuming: bool
-) -> str:
-    """`output_dir/init/`: the random-init model and the tokenizer trained on the training split, written once by the
-    main process. A resumed run reuses it: a retrained tokenizer could number the vocabulary differently."""
-    from hf_finetune.scratch import write_scratch_model
-
-    scratch = recipe.model.from_scratch
-    folder = out / "init"
-    if accelerator.is_main_process and not (resuming and (folder / "config.json").is_file()):
-        texts = task.tokenizer_corpus(raw) if scratch.tokenizer is None else ()
-        if texts is None:
-            raise InputError(
-                f"model.from_scratch: task {recipe.task} cannot train a tokenizer; set model.from_scratch.tokenizer"
-            )
-        tmp = out / ".init.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        write_scratch_model(tmp, scratch.architecture, texts, scratch, recipe.training.seed, scratch.tokenizer)
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
-    accelerator.wait_for_everyone()
-    return str(folder)
-
-
-def build_loaders(task: Task, encoded: Any, t: TrainingConfig, world: int) -> tuple[DataLoader, dict[str, DataLoader]]:
-    """The training loader deals global batches (batch_size x processes), which accelerate splits across processes."""
-    collate = task.collator()
-    global_batch = t.batch_size * world
-    train_set = encoded["train"]
-    sampler = LengthGroupedSampler(train_set["length"], global_batch * t.grad_accum, t.seed, t.group_by_length)
-    # its own generator: a DataLoader without one draws its worker seed from the global RNG at every iter(), which
-    # a resumed run would do once more than the uninterrupted one, shifting every dropout mask after it
-    train_loader = DataLoader(
-        train_set.remove_columns("length"), global_batch, sampler=sampler, collate_fn=collate,
-        generator=torch.Generator().manual_seed(t.seed),
-    )  # fmt: skip
-    eval_loaders = {
-        split: eval_loader(encoded[split], t.eval_batch * world, collate)
-        for split in ("validation", "test")
-        if split in encoded
-    }
-    return train_loader, eval_loaders
-
-
-def make_accelerator(t: TrainingConfig, out: Path) -> Accelerator:
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    has_device = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
-    prepare_run()  # this recipe's precision and dynamo plugin, not a previous run's
-    accelerator = Accelerator(
-        gradient_accumulation_steps=t.grad_accum,
-        mixed_precision=choose_precision(t.precision),
-        log_with="tensorboard",
-        project_dir=str(out),
-        # The loader yields global batches that accelerate splits evenly across processes, so N processes with batch
-        # b see exactly the batches of one process with batch N*b: same data order, same loss curve, same schedule
-        # (the scheduler then steps once per optimizer step instead of N times).
-        dataloader_config=DataLoaderConfiguration(split_batches=True),
-        # `accelerate launch --multi_gpu` on a machine without GPUs starts torchrun processes that accelerate 1.15
-        # would run as unrelated single processes; cpu=True makes them one gloo process group
-        cpu=launched > 1 and not has_device,
-        # regional compilation compiles one encoder/decoder block and reuses it for the others (minutes less on a CPU)
-        dynamo_plugin=TorchDynamoPlugin(backend="inductor", use_regional_compilation=True) if t.compile else None,
-    )
-    if accelerator.num_processes != launched:
-        raise RuntimeError(
-            f"the launcher started {launched} processes but accelerate sees {accelerator.num_processes}; "
-            "they would train independently and write over each other's files"
-        )
-    return accelerator
-
-
 def check_replicas_agree(run: Run) -> None:
     """Every process must end with the same model: DDP syncs gradients, but state a method keeps outside them (its
     `fingerprint`) could drift and would be saved from process 0 only."""
@@ -498,57 +369,3 @@ def nonfinite_message(step: int, loss: torch.Tensor, out: Path) -> str:
     )
 
 
-def check_model(model_path: str, recipe: Recipe, task: Task, method: Method, padding: Padding) -> None:
-    """Config-level checks before any weights load: remote code allowed, the sequence within the position table."""
-    try:
-        config = AutoConfig.from_pretrained(
-            model_path, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code
-        )
-    except ValueError as err:
-        if "trust_remote_code" not in str(err):
-            raise
-        raise InputError(
-            f"model.name_or_path: {recipe.model.name_or_path} ships its own modelling code (auto_map in its "
-            "config.json); set model.trust_remote_code=true only if you trust that code"
-        ) from err
-    except OSError as err:
-        key = "model.encoder_decoder_from" if recipe.model.encoder_decoder_from else "model.name_or_path"
-        raise InputError(
-            f"{key}: {model_path} is no folder here, and the Hub has no such model or cannot be reached "
-            f"({str(err).splitlines()[0]})"
-        ) from err
-    local = Path(model_path)
-    if local.is_dir() and not any(local.glob("*.safetensors")):
-        raise InputError(
-            f"model.name_or_path: {local} has no *.safetensors weights; only safetensors are loaded (pickled "
-            ".bin/.pt files can run code): convert them, e.g. with transformers' save_pretrained"
-        )
-    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    if positions is None:
-        return
-    # RoBERTa-style models number positions from padding_idx + 1, so their table holds that many fewer tokens
-    offset = (config.pad_token_id or 0) + 1 if config.model_type in OFFSET_POSITIONS else 0
-    limit = positions - offset
-    budget = task.position_budget(config)
-    extra = dict(budget.extra)
-    decoder_only = not getattr(config, "is_encoder_decoder", False) and not recipe.model.encoder_decoder_from
-    virtual = method.virtual_positions(recipe.method, decoder_only, task.generative)
-    if virtual:
-        extra[f"{method.name} virtual tokens"] = virtual
-    padded = padding.extra(budget.text + sum(budget.extra.values())) if not budget.capped else 0
-    if padded:  # pads take positions too
-        extra["padding to a width bucket" if padding.buckets else f"padding to a multiple of {padding.multiple}"] = padded
-    if budget.text + sum(extra.values()) > limit:
-        parts = "".join(f" + {v} ({k})" for k, v in extra.items())
-        raise InputError(
-            f"{budget.key}: {budget.text}{parts} is longer than {recipe.model.name_or_path} can take "
-            f"({limit} positions); set {budget.key}<={limit - sum(extra.values())}"
-        )
-
-
-OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "longformer", "data2vec-text", "xmod")
-
-
-def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())

@@ -1,14 +1,21 @@
-"""Length-grouped batching: batches of similar length pad less (SST-2 sentences average ~10 tokens)."""
+"""Batching: length-grouped training batches (batches of similar length pad less; SST-2 sentences average ~10
+tokens), the run's loaders, and how examples turn into optimizer steps."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from datasets import Dataset
 from torch.utils.data import DataLoader, Sampler
 from transformers.trainer_pt_utils import get_length_grouped_indices
+
+if TYPE_CHECKING:
+    from hf_finetune.recipe import TrainingConfig
+    from hf_finetune.tasks import Task
 
 
 class LengthGroupedSampler(Sampler[int]):
@@ -53,3 +60,42 @@ def eval_loader(dataset: Dataset, batch_size: int, collate_fn: Any) -> DataLoade
         collate_fn=collate_fn,
         generator=torch.Generator().manual_seed(0),
     )
+
+
+@dataclass
+class Schedule:
+    """How a run's examples turn into optimizer steps."""
+
+    per_epoch: int
+    total_steps: int
+    epochs: int
+    global_batch: int
+    """Examples per optimizer step: batch_size x processes x grad_accum."""
+
+
+def make_schedule(num_examples: int, t: TrainingConfig, world: int) -> Schedule:
+    """The loader deals global batches (split across processes) and accelerate syncs gradients at the end of the epoch
+    even when the last accumulation window is short."""
+    per_epoch = math.ceil(math.ceil(num_examples / (t.batch_size * world)) / t.grad_accum)
+    total = t.max_steps or max(1, math.ceil(per_epoch * t.epochs))
+    return Schedule(per_epoch, total, math.ceil(total / per_epoch), t.batch_size * world * t.grad_accum)
+
+
+def build_loaders(task: Task, encoded: Any, t: TrainingConfig, world: int) -> tuple[DataLoader, dict[str, DataLoader]]:
+    """The training loader deals global batches (batch_size x processes), which accelerate splits across processes."""
+    collate = task.collator()
+    global_batch = t.batch_size * world
+    train_set = encoded["train"]
+    sampler = LengthGroupedSampler(train_set["length"], global_batch * t.grad_accum, t.seed, t.group_by_length)
+    # its own generator: a DataLoader without one draws its worker seed from the global RNG at every iter(), which
+    # a resumed run would do once more than the uninterrupted one, shifting every dropout mask after it
+    train_loader = DataLoader(
+        train_set.remove_columns("length"), global_batch, sampler=sampler, collate_fn=collate,
+        generator=torch.Generator().manual_seed(t.seed),
+    )  # fmt: skip
+    eval_loaders = {
+        split: eval_loader(encoded[split], t.eval_batch * world, collate)
+        for split in ("validation", "test")
+        if split in encoded
+    }
+    return train_loader, eval_loaders

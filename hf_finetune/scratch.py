@@ -8,9 +8,11 @@ come to exist here.
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -33,6 +35,12 @@ from transformers import (
 
 from hf_finetune.errors import InputError
 from hf_finetune.recipe import Dims
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from hf_finetune.recipe import Recipe
+    from hf_finetune.tasks import Task
 
 ARCHITECTURES = ("gpt2", "llama", "bert", "roberta", "t5", "bart", "marian")
 CAUSAL = ("gpt2", "llama")
@@ -225,3 +233,25 @@ The film was good, the plot was great and the actors were wonderful. The movie w
 Translation turns a sentence in one language into a sentence in another; a summary keeps what matters most.
 Questions have answers in the context: the answer to where the fox jumps is over the lazy dog.
 """
+
+
+def build_from_scratch(
+    recipe: Recipe, task: Task, raw: Any, out: Path, accelerator: Accelerator, resuming: bool
+) -> str:
+    """`output_dir/init/`: the random-init model and the tokenizer trained on the training split, written once by the
+    main process. A resumed run reuses it: a retrained tokenizer could number the vocabulary differently."""
+    scratch = recipe.model.from_scratch
+    folder = out / "init"
+    if accelerator.is_main_process and not (resuming and (folder / "config.json").is_file()):
+        texts = task.tokenizer_corpus(raw) if scratch.tokenizer is None else ()
+        if texts is None:
+            raise InputError(
+                f"model.from_scratch: task {recipe.task} cannot train a tokenizer; set model.from_scratch.tokenizer"
+            )
+        tmp = out / ".init.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        write_scratch_model(tmp, scratch.architecture, texts, scratch, recipe.training.seed, scratch.tokenizer)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    accelerator.wait_for_everyone()
+    return str(folder)

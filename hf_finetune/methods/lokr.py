@@ -19,7 +19,8 @@ class LoKr(Method):
     name = "lokr"
     # r 8, alpha 8 (scale 1), no rank or module dropout: PEFT's LoKrConfig defaults; the LyCORIS paper studies image
     # models only and gives no text settings. Every linear layer as for LoRA, so the two compare on the same modules.
-    # lr: docs/benchmarks.md, "LoKr and VeRA learning rates".
+    # lr on SST-2/MiniLM (4,000 examples, 1 epoch, seed 42): 2e-3 0.791, 5e-3 0.814, 1e-2 0.782 (docs/benchmarks.md,
+    # "LoKr and VeRA learning rates").
     defaults = {"lr": 5e-3, "r": 8, "alpha": 8, "dropout": 0.0, "target_modules": ALL_LINEAR}
     mergeable = True
 
