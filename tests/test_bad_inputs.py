@@ -1,11 +1,7 @@
 """A catalogue of bad inputs: each exits with code 2 and one line naming the file, key or row, and leaves output_dir
 exactly as it was (not created when it did not exist; every file byte- and mtime-identical when it did, even with
---overwrite, which must only act once every check has passed).
-
-TODO for the tasks being built elsewhere: translation (missing source/target language column) belongs here once that
-task exists. Non-numeric labels for
-regression: skipped, there is no regression task.
-"""
+--overwrite, which must only act once every check has passed). Task-specific cases live beside their tasks' tests
+(tests/test_seq2seq.py, tests/test_question_answering.py)."""
 
 from __future__ import annotations
 

@@ -57,6 +57,10 @@ class Task(Protocol):
     def check_recipe(cls, recipe: Recipe) -> list[str]:
         """Problems with this task's recipe sections (each naming its key), found before anything loads."""
 
+    @classmethod
+    def higher_is_better(cls, metric: str | None = None) -> bool:
+        """Whether a larger value of `metric` (default: the primary one) is better."""
+
     def setup(self, tokenizer: PreTrainedTokenizerBase, padding: Padding) -> None:
         """The run's tokenizer and padding rule, before `preprocess`, `collator`, `evaluate` or `predict`."""
 
