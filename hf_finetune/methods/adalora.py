@@ -137,6 +137,10 @@ class AdaLoRA(Method):
         with _quiet_rank_pattern():
             return super().load(base, folder)
 
+    def saved_weights(self, model: torch.nn.Module, folder: Path) -> tuple[Path, dict[str, torch.Tensor] | None]:
+        with _quiet_rank_pattern():
+            return super().saved_weights(model, folder)
+
     def final_trainable(self, model_dir: Path, trainable: int) -> int:
         """Parameters left after pruning: ranks kept x (in + out + 1), plus what trains in full."""
         config_file = model_dir / "adapter_config.json"
