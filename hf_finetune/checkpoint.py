@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from hf_finetune.device import Padding
 from hf_finetune.errors import InputError
 from hf_finetune.hub import resolve_model
 from hf_finetune.methods import Method, get_method
@@ -279,15 +280,18 @@ def find_model_dir(path: str | Path) -> Path:
     )
 
 
-def load_final(path: str | Path, recipe: Recipe | None = None) -> tuple[Task, torch.nn.Module, Any, dict]:
-    """(task, model, tokenizer, info) from a folder `save_final` wrote; the recipe defaults to the one saved there."""
+def load_final(
+    path: str | Path, recipe: Recipe | None = None, padding: Padding | None = None
+) -> tuple[Task, torch.nn.Module, Any, dict]:
+    """(task, model, tokenizer, info) from a folder `save_final` wrote; the recipe defaults to the one saved there,
+    the task's padding to the rule for this process's device."""
     folder = find_model_dir(path)
     info = json.loads((folder / INFO_NAME).read_text())
     recipe = recipe or recipe_from_dict(info["recipe"], source=str(folder / INFO_NAME))
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token  # GPT-style tokenizers ship without one; batches need it
-    task = get_task(recipe, tokenizer)
+    task = get_task(recipe, tokenizer, padding)
     task.restore(info)
     if (folder / "adapter_config.json").exists() and not (folder / SAFE_ADAPTER_NAME).is_file():
         raise InputError(f"checkpoint: {folder} has no {SAFE_ADAPTER_NAME}; only safetensors weights are loaded")

@@ -29,7 +29,7 @@ from hf_finetune import checkpoint
 from hf_finetune.data import load_splits
 from hf_finetune.device import cpu_process_settings, make_accelerator, padding_for, tune_model_for_cpu
 from hf_finetune.errors import InputError
-from hf_finetune.hub import check_model, count_parameters, load_tokenizer, resolve_model
+from hf_finetune.hub import check_model, count_parameters, load_tokenizer, model_key, resolve_model
 from hf_finetune.losses import smoothed_token_loss
 from hf_finetune.methods import Method, TaskInfo, build_optimizer, get_method
 from hf_finetune.recipe import MethodConfig, Recipe
@@ -123,8 +123,8 @@ def _setup(recipe: Recipe, overwrite: bool, accelerator: Accelerator, settings: 
     if recipe.model.from_scratch is not None:
         model_path = build_from_scratch(recipe, task, raw, out, accelerator, resume_from is not None)
     else:
-        key = "model.encoder_decoder_from" if recipe.model.encoder_decoder_from else "model.name_or_path"
-        model_path = resolve_model(recipe.model.encoder_decoder_from or recipe.model.name_or_path, recipe.model.revision, key)
+        source = recipe.model.encoder_decoder_from or recipe.model.name_or_path
+        model_path = resolve_model(source, recipe.model.revision, model_key(recipe))
     method = get_method(recipe.method.name)
     padding = padding_for(accelerator.device.type, accelerator.mixed_precision, t.cpu_tuning)
     check_model(model_path, recipe, task, method, padding)

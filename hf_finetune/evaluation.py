@@ -21,9 +21,9 @@ def evaluate_checkpoint(recipe: Recipe, checkpoint: str) -> dict[str, Any]:
     accelerator = Accelerator(mixed_precision=choose_precision(t.precision))
     on_cpu = accelerator.device.type == "cpu"
     with cpu_process_settings(on_cpu and t.cpu_tuning == "auto"):
-        task, model, tokenizer, info = load_final(checkpoint, recipe)
         # the padding of this process's device, as training on it would pad
-        task.setup(tokenizer, padding_for(accelerator.device.type, accelerator.mixed_precision, t.cpu_tuning))
+        padding = padding_for(accelerator.device.type, accelerator.mixed_precision, t.cpu_tuning)
+        task, model, _, info = load_final(checkpoint, recipe, padding)
         raw = load_splits(dataclasses.replace(recipe.data, train=None))
         task.prepare(raw)
         encoded = task.preprocess(raw)

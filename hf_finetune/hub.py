@@ -28,6 +28,11 @@ EMBEDDED_MODELS = {
 }
 
 
+def model_key(recipe: Recipe) -> str:
+    """The recipe key that names the weights to load: BERT2BERT's source checkpoint, else the model."""
+    return "model.encoder_decoder_from" if recipe.model.encoder_decoder_from else "model.name_or_path"
+
+
 def resolve_model(name_or_path: str, revision: str | None = None, key: str = "model.name_or_path") -> str:
     """A path `from_pretrained` can open without the network when that is possible, else the Hub id unchanged.
     `key` is the recipe key that named it, for the message when it is neither a folder here nor a Hub id."""
@@ -75,7 +80,7 @@ def check_model(model_path: str, recipe: Recipe, task: Task, method: Method, pad
             "config.json); set model.trust_remote_code=true only if you trust that code"
         ) from err
     except OSError as err:
-        key = "model.encoder_decoder_from" if recipe.model.encoder_decoder_from else "model.name_or_path"
+        key = model_key(recipe)
         raise InputError(
             f"{key}: {model_path} is no folder here, and the Hub has no such model or cannot be reached "
             f"({str(err).splitlines()[0]})"

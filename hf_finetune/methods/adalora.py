@@ -19,7 +19,7 @@ from peft import AdaLoraConfig
 from peft.utils import PeftType
 from safetensors import safe_open
 
-from hf_finetune.methods.base import ALL_LINEAR, Method, TaskInfo
+from hf_finetune.methods.base import ALL_LINEAR, Method, TaskInfo, peft_common
 from hf_finetune.methods.lora import METHOD as LORA
 
 if TYPE_CHECKING:
@@ -62,8 +62,7 @@ class AdaLoRA(Method):
 
     def peft_config(self, cfg: MethodConfig, task: TaskInfo, heads: list[str]) -> AdaLoraConfig:
         return AdaLoraConfig(
-            task_type=task.peft_task_type,
-            modules_to_save=heads or None,
+            **peft_common(task, heads),
             init_r=cfg.r,
             target_r=cfg.target_r,
             lora_alpha=cfg.alpha,

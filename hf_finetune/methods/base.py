@@ -42,6 +42,11 @@ class TaskInfo:
     """The run's optimizer steps (AdaLoRA's schedule is given in steps)."""
 
 
+def peft_common(task: TaskInfo, heads: list[str]) -> dict[str, Any]:
+    """The arguments every PEFT config takes from the task: its task type and the heads trained in full."""
+    return {"task_type": task.peft_task_type, "modules_to_save": heads or None}
+
+
 class Method:
     """A fine-tuning method. Subclasses set `name` and `defaults` and override what differs from plain PEFT."""
 

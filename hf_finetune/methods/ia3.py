@@ -11,7 +11,7 @@ from peft.utils.constants import (
     TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING,
 )
 
-from hf_finetune.methods.base import Method, TaskInfo
+from hf_finetune.methods.base import Method, TaskInfo, peft_common
 
 if TYPE_CHECKING:
     from hf_finetune.recipe import MethodConfig
@@ -24,7 +24,7 @@ class IA3(Method):
     mergeable = True
 
     def peft_config(self, cfg: MethodConfig, task: TaskInfo, heads: list[str]) -> IA3Config:
-        return IA3Config(task_type=task.peft_task_type, modules_to_save=heads or None)
+        return IA3Config(**peft_common(task, heads))
 
     def fit_config(self, config: IA3Config, model: torch.nn.Module) -> None:
         if config.target_modules is not None:

@@ -9,7 +9,7 @@ import torch
 from peft import LoKrConfig
 
 from hf_finetune.errors import InputError
-from hf_finetune.methods.base import ALL_LINEAR, Method, TaskInfo
+from hf_finetune.methods.base import ALL_LINEAR, Method, TaskInfo, peft_common
 
 if TYPE_CHECKING:
     from hf_finetune.recipe import MethodConfig
@@ -26,8 +26,7 @@ class LoKr(Method):
 
     def peft_config(self, cfg: MethodConfig, task: TaskInfo, heads: list[str]) -> LoKrConfig:
         return LoKrConfig(
-            task_type=task.peft_task_type,
-            modules_to_save=heads or None,
+            **peft_common(task, heads),
             r=cfg.r,
             alpha=cfg.alpha,
             rank_dropout=cfg.dropout,

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from peft import LoraConfig
 
-from hf_finetune.methods.base import ALL_LINEAR, Method, TaskInfo
+from hf_finetune.methods.base import ALL_LINEAR, Method, TaskInfo, peft_common
 
 if TYPE_CHECKING:
     from hf_finetune.recipe import MethodConfig
@@ -28,8 +28,7 @@ class LoRA(Method):
 
     def peft_config(self, cfg: MethodConfig, task: TaskInfo, heads: list[str]) -> LoraConfig:
         return LoraConfig(
-            task_type=task.peft_task_type,
-            modules_to_save=heads or None,
+            **peft_common(task, heads),
             r=cfg.r,
             lora_alpha=cfg.alpha,
             lora_dropout=cfg.dropout,

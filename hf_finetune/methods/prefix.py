@@ -35,7 +35,7 @@ from transformers.models.auto.modeling_auto import (
 )
 
 from hf_finetune.errors import InputError
-from hf_finetune.methods.base import TaskInfo, freeze_unsaved
+from hf_finetune.methods.base import TaskInfo, freeze_unsaved, peft_common
 from hf_finetune.methods.virtual_tokens import SoftPromptWrapper, VirtualTokenMethod
 
 if TYPE_CHECKING:
@@ -337,8 +337,7 @@ class PrefixTuning(VirtualTokenMethod):
 
     def peft_config(self, cfg: MethodConfig, task: TaskInfo, heads: list[str]) -> PrefixTuningConfig:
         return PrefixTuningConfig(
-            task_type=task.peft_task_type,
-            modules_to_save=heads or None,
+            **peft_common(task, heads),
             num_virtual_tokens=cfg.num_virtual_tokens,
             prefix_projection=cfg.prefix_projection,
             encoder_hidden_size=cfg.encoder_hidden_size,

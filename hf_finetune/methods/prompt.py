@@ -12,7 +12,7 @@ from peft import PromptTuningConfig
 from transformers import PreTrainedModel
 
 from hf_finetune.errors import InputError
-from hf_finetune.methods.base import TaskInfo, freeze_unsaved
+from hf_finetune.methods.base import TaskInfo, freeze_unsaved, peft_common
 from hf_finetune.methods.virtual_tokens import SoftPromptWrapper, VirtualTokenMethod
 
 if TYPE_CHECKING:
@@ -104,7 +104,7 @@ class PromptTuning(VirtualTokenMethod):
 
     def peft_config(self, cfg: MethodConfig, task: TaskInfo, heads: list[str]) -> PromptTuningConfig:
         return PromptTuningConfig(
-            task_type=task.peft_task_type, modules_to_save=heads or None, num_virtual_tokens=cfg.num_virtual_tokens
+            **peft_common(task, heads), num_virtual_tokens=cfg.num_virtual_tokens
         )
 
     def apply(self, model: torch.nn.Module, cfg: MethodConfig, task: TaskInfo) -> torch.nn.Module:

@@ -9,7 +9,7 @@ import torch
 from peft import VeraConfig
 from transformers.pytorch_utils import Conv1D
 
-from hf_finetune.methods.base import ALL_LINEAR, Method, TaskInfo
+from hf_finetune.methods.base import ALL_LINEAR, Method, TaskInfo, peft_common
 
 if TYPE_CHECKING:
     from hf_finetune.recipe import MethodConfig
@@ -27,8 +27,7 @@ class VeRA(Method):
 
     def peft_config(self, cfg: MethodConfig, task: TaskInfo, heads: list[str]) -> VeraConfig:
         return VeraConfig(
-            task_type=task.peft_task_type,
-            modules_to_save=heads or None,
+            **peft_common(task, heads),
             r=cfg.r,
             vera_dropout=cfg.dropout,
             target_modules=cfg.target_modules,
