@@ -256,7 +256,7 @@ def write_outputs(
     summary = summarise(rows, methods)
     env = environment(base)
     # the front is taken on "better" quality: perplexity counts down
-    sign = 1.0 if TASKS[base.task].higher_is_better() else -1.0
+    sign = 1.0 if TASKS[base.task].higher_is_better(primary) else -1.0
     points = [
         (s["method"], s["trainable_params"], sign * s["quality"])
         for s in summary
@@ -480,8 +480,11 @@ def compare(
     if dry:
         print(dry_run(base, runs))
         return {"runs": runs, "paths": {}}
-    primary = TASKS[base.task].primary_metric
     execute(runs, train_fn)
+    # the task's ranking metric as the runs report it: a classification run's depends on its labels (accuracy,
+    # multi-label micro-F1, regression Pearson)
+    reported = [r.results.get("primary_metric") for r in runs]
+    primary = next((m for m in reported if m), TASKS[base.task].primary_metric)
     command = command or "hf-finetune compare " + shlex.join(sys.argv[2:])
     method_names = list(dict.fromkeys(r.method for r in runs))
     paths = write_outputs(base, runs, method_names, command, primary)

@@ -26,6 +26,8 @@ BUILDERS = {
     ".parquet": "parquet",
     ".txt": "text",
 }
+# CoNLL-style column files (word ... tag per line, a blank line between sentences), read here: datasets has no builder
+COLUMN_FILES = (".conll", ".iob", ".bio")
 
 
 def data_roots() -> list[Path]:
@@ -84,16 +86,22 @@ def _load_local(path: Path, split_name: str | None, where: str) -> Dataset:
                 raise InputError(f"{where}: {path} has splits {list(loaded)}, not {key!r}; set {where}.split")
             return loaded[key]
         return loaded
-    files = sorted(p for p in path.iterdir() if p.suffix in BUILDERS) if path.is_dir() else [path]
+    readable = (*BUILDERS, *COLUMN_FILES)
+    files = sorted(p for p in path.iterdir() if p.suffix in readable) if path.is_dir() else [path]
     if not files:
-        raise InputError(f"{where}.path: {path} holds no {'/'.join(BUILDERS)} files")
+        raise InputError(f"{where}.path: {path} holds no {'/'.join(readable)} files")
     suffixes = {f.suffix for f in files}
-    if len(suffixes) > 1 or files[0].suffix not in BUILDERS:
+    if len(suffixes) > 1 or files[0].suffix not in readable:
         raise InputError(f"{where}.path: {path}: cannot read files of type {', '.join(sorted(suffixes))}")
     suffix = files[0].suffix
-    if BUILDERS[suffix] != "parquet":
+    if BUILDERS.get(suffix) != "parquet":
         for file in files:
             check_utf8(file)
+    if suffix in COLUMN_FILES:
+        rows = [row for f in files for row in conll_rows(f)]
+        if not rows:
+            raise InputError(f"{where}: split is empty ({path})")
+        return Dataset.from_list(rows)
     if suffix == ".json":
         nested = [_squad_rows(f) for f in files]
         if all(rows is not None for rows in nested):
@@ -133,6 +141,31 @@ def check_utf8(path: Path) -> None:
                     f"{path} line {number}: not UTF-8 (byte 0x{line[err.start]:02x} at column {err.start + 1}); "
                     "save the file as UTF-8"
                 ) from err
+
+
+def conll_rows(path: Path) -> list[dict]:
+    """Sentences of a CoNLL-style column file as rows {tokens, tags}: the first column is the word, the last the tag
+    (POS or chunk columns between them are ignored), a blank line ends a sentence, `-DOCSTART-` lines are skipped."""
+    rows: list[dict] = []
+    tokens: list[str] = []
+    tags: list[str] = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            cells = line.split()
+            if cells and cells[0] == "-DOCSTART-":
+                continue
+            if not cells:
+                if tokens:
+                    rows.append({"tokens": tokens, "tags": tags})
+                tokens, tags = [], []
+                continue
+            if len(cells) < 2:
+                raise InputError(f"{path} line {number}: expected a word and a tag separated by whitespace, got {line.strip()!r}")
+            tokens.append(cells[0])
+            tags.append(cells[-1])
+    if tokens:
+        rows.append({"tokens": tokens, "tags": tags})
+    return rows
 
 
 def _squad_rows(path: Path) -> list[dict] | None:

@@ -299,6 +299,7 @@ def finish(run: Run, state: LoopState) -> dict[str, Any]:
         "task": recipe.task,
         "method": run.method.name,
         "model": recipe.model.name_or_path if recipe.model.from_scratch is None else run.model_path,
+        "primary_metric": run.task.primary_metric,
         "metrics": metrics,
         **({"initial_metrics": state.initial["validation"]} if "validation" in state.initial else {}),
         **({"initial_test_metrics": state.initial["test"]} if "test" in state.initial else {}),

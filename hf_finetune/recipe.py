@@ -92,7 +92,13 @@ class ColumnsConfig:
     text_pair: str | None = None
     """Column holding the second sentence of a pair, if any."""
     label: str = "label"
-    """Column holding the label: ints or strings."""
+    """Classification: column holding the label: ints or strings (classes), a list of them per row (multi-label), or
+    floats (regression)."""
+    tokens: str = "tokens"
+    """Token classification: column holding each row's words (a list of strings)."""
+    tags: str = "tags"
+    """Token classification: column holding one tag per word (names such as `B-PER`, or ints with
+    `token_classification.label_names`)."""
     question: str = "question"
     """Question answering: column holding the question."""
     context: str = "context"
@@ -219,6 +225,35 @@ class TrainingConfig:
 
 
 @dataclass
+class ClassificationConfig:
+    """Classification: the problem type (read from the label column when unset) and the multi-label decision rule."""
+
+    multi_label: bool | None = None
+    """Several labels per row (sigmoid and binary cross-entropy). Default: true when the label column holds lists."""
+    regression: bool | None = None
+    """A real-valued target (`num_labels=1`, mean squared error). Default: true when the label column holds floats."""
+    threshold: float = 0.5
+    """Multi-label: a label is predicted when its probability reaches this (per label once tuned)."""
+    tune_thresholds: bool = True
+    """Multi-label: pick each label's threshold on the validation split (the one maximising that label's F1), save
+    it with the model and use it for test, `eval` and `predict`. Off: `threshold` for every label."""
+
+
+@dataclass
+class TokenClassificationConfig:
+    """Token classification (named entities, IOB1/IOB2/IOBES tags): sub-word labels and windows over long rows."""
+
+    label_all_tokens: bool = False
+    """Train on every sub-word of a word (`B-X` continued as `I-X`), not only on its first; scoring always reads the
+    first sub-word, so every word gets one prediction."""
+    stride: int | None = None
+    """Tokens shared by two consecutive windows over a row longer than `training.max_length` (default: a quarter of
+    it); each word is scored in the window where it has the most context on both sides."""
+    label_names: list[str] | None = None
+    """Tag names in id order, for data whose tags are ints without names (a Hub `ClassLabel` feature names them)."""
+
+
+@dataclass
 class QAConfig:
     """Extractive question answering (SQuAD-style); the defaults are those of transformers' run_qa.py."""
 
@@ -288,6 +323,10 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    classification: ClassificationConfig = field(default_factory=ClassificationConfig)
+    """Classification only: multi-label and regression."""
+    token_classification: TokenClassificationConfig = field(default_factory=TokenClassificationConfig)
+    """Token classification only: sub-word labels and windows."""
     qa: QAConfig = field(default_factory=QAConfig)
     """Question answering only: windowing and post-processing."""
     lm: LMConfig = field(default_factory=LMConfig)

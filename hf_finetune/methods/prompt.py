@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 from peft import PromptTuningConfig
 from transformers import PreTrainedModel
 
@@ -109,14 +110,46 @@ class PromptTuning(VirtualTokenMethod):
 
     def apply(self, model: torch.nn.Module, cfg: MethodConfig, task: TaskInfo) -> torch.nn.Module:
         if model.config.model_type != "encoder-decoder":
-            return super().apply(model, cfg, task)
+            return score_text_positions(super().apply(model, cfg, task))
         # PEFT 0.21 refuses prompt tuning on a BERT2BERT EncoderDecoderModel as it does prefix tuning
         freeze_unsaved(model)
         config = PromptConfig(cfg.num_virtual_tokens, modules_to_save=self.heads(model, cfg, task))
         return EncoderPromptModel(model, config)
 
+    def load(self, base: torch.nn.Module, folder: Any) -> torch.nn.Module:
+        return score_text_positions(super().load(base, folder))
+
     def virtual_positions(self, cfg: MethodConfig, decoder_only: bool, generative: bool) -> int:
         return self.resolve(cfg, total_steps=1).num_virtual_tokens  # soft tokens take positions before the text
+
+
+def score_text_positions(model: torch.nn.Module) -> torch.nn.Module:
+    """Token classification under PEFT's prompt tuning: logits and loss for the text's positions only.
+
+    PEFT 0.21's `PeftModelForTokenClassification` puts the prompt's positions in front of the logits and hands the
+    labels to the model unextended, so its loss fails on a shape mismatch. Hooks (which survive accelerate's and
+    torch.compile's forward wrappers) take the labels out before the call, drop the prompt's positions from the
+    logits after it, and compute the head's own loss (cross-entropy ignoring -100) on what is left."""
+    config = getattr(model, "active_peft_config", None)
+    if str(getattr(config, "task_type", "")) not in ("TOKEN_CLS", "TaskType.TOKEN_CLS"):
+        return model
+    virtual = config.num_virtual_tokens
+
+    def take_labels(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        module._text_labels = kwargs.pop("labels", None)
+        return args, kwargs
+
+    def score(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        output.logits = output.logits[:, virtual:]
+        labels, module._text_labels = module._text_labels, None
+        if labels is not None:
+            logits = output.logits
+            output.loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        return output
+
+    model.register_forward_pre_hook(take_labels, with_kwargs=True)
+    model.register_forward_hook(score, with_kwargs=True)
+    return model
 
 
 METHOD = PromptTuning()

@@ -13,6 +13,7 @@ from hf_finetune.tasks.classification import ClassificationTask
 from hf_finetune.tasks.language_modeling import LanguageModelingTask, MaskedLanguageModelingTask
 from hf_finetune.tasks.question_answering import QuestionAnsweringTask
 from hf_finetune.tasks.seq2seq import SummarizationTask, TranslationTask
+from hf_finetune.tasks.token_classification import TokenClassificationTask
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
 # keys equal each task's `name`, the recipe's `task` values; a test keeps them in sync
 TASKS: dict[str, type[Task]] = {
     "classification": ClassificationTask,
+    "token_classification": TokenClassificationTask,
     "question_answering": QuestionAnsweringTask,
     "causal_lm": LanguageModelingTask,
     "masked_lm": MaskedLanguageModelingTask,

@@ -1,29 +1,48 @@
-"""Text classification: single sentences and sentence pairs, int or string labels."""
+"""Text classification of single sentences and sentence pairs: one class per row (int or string labels), several
+(a list per row: multi-label, sigmoid and binary cross-entropy) or a real-valued score (regression, mean squared
+error). The label column decides unless `classification.multi_label` / `classification.regression` say so."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from datasets import DatasetDict
-from transformers import AutoModelForSequenceClassification, PreTrainedModel
+from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel
 
 from hf_finetune.data import require_columns
 from hf_finetune.device import RulePadding
 from hf_finetune.errors import InputError
 from hf_finetune.inference import batched_rows, gathered_outputs
 from hf_finetune.metrics import load_metric
+from hf_finetune.metrics.classification.classification import (
+    multi_label_scores,
+    regression_scores,
+    tune_thresholds,
+)
 from hf_finetune.tasks.base import TaskBase
 
 if TYPE_CHECKING:
     from hf_finetune.recipe import Recipe
 
 
+SINGLE, MULTI, REGRESSION = "single_label_classification", "multi_label_classification", "regression"
+# Each problem type's metrics (name -> higher is better) and the one that ranks runs. Multi-label evaluation adds
+# `f1_<label>` per label.
+KINDS: dict[str, tuple[dict[str, bool], str]] = {
+    SINGLE: ({"eval_loss": False, "accuracy": True, "f1_macro": True, "mcc": True}, "accuracy"),
+    MULTI: ({"eval_loss": False, "f1_micro": True, "f1_macro": True, "subset_accuracy": True}, "f1_micro"),
+    REGRESSION: ({"eval_loss": False, "pearson": True, "spearman": True, "mse": False}, "pearson"),
+}
+
+
 class ClassificationTask(TaskBase):
     name = "classification"
-    metrics = {"eval_loss": False, "accuracy": True, "f1_macro": True, "mcc": True}
+    # every problem type's metrics; an instance narrows them to its own once `prepare` has read the labels
+    metrics = {k: v for metrics, _ in KINDS.values() for k, v in metrics.items()}
     primary_metric = "accuracy"
     peft_task_type = "SEQ_CLS"
     default_max_length = 128
@@ -35,8 +54,48 @@ class ClassificationTask(TaskBase):
     def __init__(self, recipe: Recipe) -> None:
         super().__init__(recipe)
         self.columns = recipe.data.columns
+        self.cfg = recipe.classification
         self.labels: list[Any] = []
-        """Label values as they appear in the data, in id order."""
+        """Label values as they appear in the data, in id order (empty for regression)."""
+        self.problem_type = self._declared_kind(recipe)
+        self.thresholds: list[float] | None = None
+        """Multi-label: each label's decision threshold, tuned on validation or restored with the model."""
+        self._restored = False
+
+    @staticmethod
+    def _declared_kind(recipe: Recipe) -> str | None:
+        cfg = recipe.classification
+        if cfg.regression:
+            return REGRESSION
+        if cfg.multi_label:
+            return MULTI
+        if cfg.regression is False and cfg.multi_label is False:
+            return SINGLE
+        return None
+
+    @classmethod
+    def check_recipe(cls, recipe: Recipe) -> list[str]:
+        cfg, problems = recipe.classification, []
+        if cfg.regression and cfg.multi_label:
+            problems.append("'classification.regression' and 'classification.multi_label': choose one")
+        if not 0 < cfg.threshold < 1:
+            problems.append(f"'classification.threshold': must be in (0, 1), got {cfg.threshold}")
+        kind = cls._declared_kind(recipe)
+        if kind is not None and not problems:
+            problems += cls._metric_problem(recipe, kind)
+        return problems
+
+    @staticmethod
+    def _metric_problem(recipe: Recipe, kind: str) -> list[str]:
+        metrics = KINDS[kind][0]
+        best = recipe.training.best_metric
+        if best in metrics or (kind == MULTI and best.startswith("f1_")):
+            return []
+        return [f"'training.best_metric': {best!r} is not a {kind.replace('_', ' ')} metric ({', '.join(metrics)})"]
+
+    def _set_kind(self, kind: str) -> None:
+        self.problem_type = kind
+        self.metrics, self.primary_metric = KINDS[kind]
 
     def prepare(self, raw: DatasetDict) -> None:
         cols = {"text": self.columns.text, "text_pair": self.columns.text_pair, "label": self.columns.label}
@@ -45,17 +104,57 @@ class ClassificationTask(TaskBase):
             for key in ("text", "text_pair"):
                 if cols[key]:
                     self._check_text(raw[split][cols[key]], split, key, cols[key])
+        if not self._restored:
+            self._set_kind(self.problem_type or self._kind_of(raw["train"]))
+            problems = self._metric_problem(self.recipe, self.problem_type)
+            if problems:
+                raise InputError(problems[0])
+        if self.problem_type == REGRESSION:
+            for split in raw:
+                self._check_scores(raw[split][self.columns.label], split)
+            return
         if not self.labels:  # restored from a checkpoint otherwise
             self._labels_from_train(raw)
         known = set(self.labels)
         for split in raw:
-            if split == "train":
+            if split == "train" and not self._restored:
                 continue
             for row, value in enumerate(raw[split][self.columns.label]):
-                if value not in known:
+                values = value if self.problem_type == MULTI and isinstance(value, list) else [value]
+                if self.problem_type == MULTI and not isinstance(value, list):
+                    raise InputError(f"data.{split} row {row}: multi-label rows hold a list of labels, got {value!r}")
+                unknown = [v for v in values if v not in known]
+                if unknown:
                     raise InputError(
-                        f"data.{split} row {row}: label {value!r} not among the training labels {self.labels}"
+                        f"data.{split} row {row}: label {unknown[0]!r} not among the training labels {self.labels}"
                     )
+
+    def _kind_of(self, train: Any) -> str:
+        """The problem type the label column implies: lists are multi-label, floats regression, else classes. A
+        column of floats is regression only when the recipe does not say otherwise."""
+        column = self.columns.label
+        values = [v for v in train[column][:1000] if v is not None]
+        if values and all(isinstance(v, list) for v in values):
+            if self.cfg.multi_label is False:
+                raise InputError(
+                    f"data.train: column {column!r} holds lists of labels but classification.multi_label is false"
+                )
+            return MULTI
+        if values and any(isinstance(v, float) for v in values):
+            if self.cfg.regression is False:
+                raise InputError(
+                    f"data.train: column {column!r} holds numbers such as {values[0]!r}, not class labels; set "
+                    "classification.regression: true to predict a score, or give int or string classes"
+                )
+            return REGRESSION
+        return SINGLE
+
+    def _check_scores(self, values: list[Any], split: str) -> None:
+        for row, value in enumerate(values):
+            if isinstance(value, bool) or not isinstance(value, int | float) or not np.isfinite(value):
+                raise InputError(
+                    f"data.{split} row {row}: regression target {self.columns.label!r} is not a number: {value!r}"
+                )
 
     @staticmethod
     def _check_text(values: list[Any], split: str, key: str, column: str) -> None:
@@ -71,6 +170,13 @@ class ClassificationTask(TaskBase):
         bad = next((i for i, v in enumerate(train_labels) if v is None), None)
         if bad is not None:
             raise InputError(f"data.train row {bad}: label column {self.columns.label!r} is empty")
+        if self.problem_type == MULTI:
+            bad = next((i for i, v in enumerate(train_labels) if not isinstance(v, list)), None)
+            if bad is not None:
+                raise InputError(
+                    f"data.train row {bad}: multi-label rows hold a list of labels, got {train_labels[bad]!r}"
+                )
+            train_labels = [v for values in train_labels for v in values]
         values = set(train_labels)
         if len({type(v) for v in values}) > 1:
             raise InputError(
@@ -85,16 +191,25 @@ class ClassificationTask(TaskBase):
         return {str(v): i for i, v in enumerate(self.labels)}
 
     def load_model(self, path: str) -> PreTrainedModel:
-        model = AutoModelForSequenceClassification.from_pretrained(
+        m = self.recipe.model
+        config = AutoConfig.from_pretrained(path, revision=m.revision, trust_remote_code=m.trust_remote_code)
+        # A checkpoint may carry the problem type it was trained for (transformers records it at the first loss);
+        # cleared before the head changes, since the config refuses e.g. a single-label type with one output.
+        config.problem_type = None
+        if self.problem_type == REGRESSION:
+            config.num_labels = 1
+            config.id2label, config.label2id = {0: self.columns.label}, {self.columns.label: 0}
+        else:
+            config.num_labels = len(self.labels)
+            config.id2label, config.label2id = {i: str(v) for i, v in enumerate(self.labels)}, self.label2id
+        config.problem_type = self.problem_type
+        return AutoModelForSequenceClassification.from_pretrained(
             path,
-            num_labels=len(self.labels),
-            id2label={i: str(v) for i, v in enumerate(self.labels)},
-            label2id=self.label2id,
-            revision=self.recipe.model.revision,
+            config=config,
+            revision=m.revision,
             use_safetensors=True,  # pickle-free weights only
-            trust_remote_code=self.recipe.model.trust_remote_code,
+            trust_remote_code=m.trust_remote_code,
         )
-        return model
 
     def _encode(self, batch: dict[str, list]) -> dict[str, list]:
         pair = batch[self.columns.text_pair] if self.columns.text_pair else None
@@ -104,9 +219,19 @@ class ClassificationTask(TaskBase):
         label_col = self.columns.label
         ids = {v: i for i, v in enumerate(self.labels)}
 
+        def target(value: Any) -> Any:
+            if self.problem_type == REGRESSION:
+                return float(value)
+            if self.problem_type == MULTI:  # multi-hot floats, what BCEWithLogitsLoss takes
+                hot = [0.0] * len(self.labels)
+                for v in value:
+                    hot[ids[v]] = 1.0
+                return hot
+            return ids[value]
+
         def encode(batch: dict[str, list]) -> dict[str, list]:
             encoded = self._encode(batch)
-            encoded["labels"] = [ids[v] for v in batch[label_col]]
+            encoded["labels"] = [target(v) for v in batch[label_col]]
             encoded["length"] = [len(x) for x in encoded["input_ids"]]
             return encoded
 
@@ -129,18 +254,25 @@ class ClassificationTask(TaskBase):
 
     def _forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-        out = {"logits": logits.float()}
+        logits = logits.float()
+        out = {"logits": logits}
         if "labels" in batch:
-            # per-example losses, so the mean is exact whatever the batch split across processes
-            out["loss"] = F.cross_entropy(logits.float(), batch["labels"], reduction="none")
-            out["labels"] = batch["labels"]
+            labels = batch["labels"]
+            # per-example losses, so the mean is exact whatever the batch split across processes; each the loss
+            # transformers' head computes for this problem type
+            if self.problem_type == REGRESSION:
+                out["loss"] = F.mse_loss(logits.squeeze(-1), labels.float(), reduction="none")
+            elif self.problem_type == MULTI:
+                out["loss"] = F.binary_cross_entropy_with_logits(logits, labels.float(), reduction="none").mean(-1)
+            else:
+                out["loss"] = F.cross_entropy(logits, labels, reduction="none")
+            out["labels"] = labels
         return out
 
     def evaluate(
         self, model: torch.nn.Module, loader: Any, accelerator: Accelerator, split: str = "validation"
     ) -> dict[str, float]:
-        metric = load_metric("classification")
-        loss_sum, count = 0.0, 0
+        loss_sum, count, logits, labels = 0.0, 0, [], []
 
         def forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             with accelerator.autocast():
@@ -149,10 +281,27 @@ class ClassificationTask(TaskBase):
         for out in gathered_outputs(model, loader, accelerator, forward):
             loss_sum += out["loss"].sum().item()
             count += out["loss"].numel()
-            preds = out["logits"].argmax(-1)
-            metric.add_batch(predictions=preds.cpu().tolist(), references=out["labels"].cpu().tolist())
-        scores = metric.compute(labels=list(range(len(self.labels))))
-        return {"eval_loss": loss_sum / max(count, 1), **scores}
+            logits.append(out["logits"].cpu())
+            labels.append(out["labels"].cpu())
+        scores = {"eval_loss": loss_sum / max(count, 1)}
+        logit, label = torch.cat(logits).numpy(), torch.cat(labels).numpy()
+        if self.problem_type == REGRESSION:
+            return {**scores, **regression_scores(logit[:, 0], label)}
+        if self.problem_type == MULTI:
+            probs = 1 / (1 + np.exp(-logit))
+            if split == "validation" and self.cfg.tune_thresholds and not self._restored:
+                # every process holds the same gathered outputs, so every process picks the same thresholds
+                self.thresholds = tune_thresholds(probs, label, default=self.cfg.threshold)
+            names = [str(v) for v in self.labels]
+            return {**scores, **multi_label_scores(probs >= self._thresholds(), label, names)}
+        metric = load_metric("classification")
+        metric.add_batch(predictions=logit.argmax(-1).tolist(), references=label.tolist())
+        return {**scores, **metric.compute(labels=list(range(len(self.labels))))}
+
+    def _thresholds(self) -> np.ndarray:
+        if self.thresholds is None:
+            return np.full(len(self.labels), self.cfg.threshold)
+        return np.asarray(self.thresholds)
 
     def predict(self, model: torch.nn.Module, rows: list[dict]) -> list[dict]:
         text_columns = [c for c in (self.columns.text, self.columns.text_pair) if c]
@@ -166,6 +315,18 @@ class ClassificationTask(TaskBase):
         batch_size = self.recipe.training.eval_batch
         batches = batched_rows(model, features, self.collator(), batch_size, self._forward, by_length=False)
         for idx, outputs in batches:
+            if self.problem_type == REGRESSION:
+                for i, value in zip(idx, outputs["logits"][:, 0].tolist(), strict=True):
+                    out[i] = {"score": value}
+                continue
+            if self.problem_type == MULTI:
+                chosen = self._thresholds()
+                for i, p in zip(idx, outputs["logits"].sigmoid().tolist(), strict=True):
+                    out[i] = {
+                        "labels": [v for v, q, t in zip(self.labels, p, chosen, strict=True) if q >= t],
+                        "probabilities": {str(v): q for v, q in zip(self.labels, p, strict=True)},
+                    }
+                continue
             for i, p in zip(idx, outputs["logits"].softmax(-1).tolist(), strict=True):
                 best = max(range(len(p)), key=p.__getitem__)
                 out[i] = {
@@ -176,7 +337,14 @@ class ClassificationTask(TaskBase):
         return out
 
     def checkpoint_info(self) -> dict[str, Any]:
-        return {"labels": self.labels}
+        info: dict[str, Any] = {"labels": self.labels, "problem_type": self.problem_type}
+        if self.problem_type == MULTI:
+            info["thresholds"] = self._thresholds().tolist()
+        return info
 
     def restore(self, info: dict[str, Any]) -> None:
+        """The saved model's labels, problem type and thresholds; evaluation then uses them as they are."""
         self.labels = list(info["labels"])
+        self._set_kind(info.get("problem_type") or SINGLE)
+        self.thresholds = info.get("thresholds")
+        self._restored = True
