@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import CUES, WORDS, tiny_recipe, write_jsonl
-from test_engine import LRS, TRAINABLE, train_capturing
+from test_engine import LRS, check_trained_parameters, train_capturing
 
 from hf_finetune.checkpoint import load_final
 from hf_finetune.evaluation import evaluate_checkpoint
@@ -177,13 +177,7 @@ def check_method(method: str, raw: dict, out: Path, tokenizer_path: Path) -> tup
     losses = [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     # binary cross-entropy starts near the labels' entropy, which frozen-body methods (IA3, prefix) leave slowly
     assert sum(losses[-2:]) / 2 < 0.98 * sum(losses[:2]) / 2, losses
-    allowed = TRAINABLE[method]
-    for name, param in model.named_parameters():
-        intended = any(key in name for key in allowed) and "original_module" not in name
-        assert param.requires_grad == intended, name
-        if method == "adalora" and ("ranknum" in name or ("lora_E" in name and not param.any())):
-            continue
-        assert (not torch.equal(param.detach(), before[name])) == intended, name
+    check_trained_parameters(method, model, before)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     texts = ["the movie was good and great", "a boring plot by the actor", "this film"]
     _, reloaded, _, _ = load_final(out)
@@ -214,15 +208,14 @@ def test_regression_every_method(method: str, tiny_bert_pretrained: Path, score_
 
 
 def test_multi_label_learns_saves_its_thresholds_and_predicts_above_them(
-    tiny_bert_pretrained: Path, multi_data: Path, tmp_path: Path
+    tiny_bert: Path, multi_data: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "run"
-    raw = tiny_recipe(
-        tiny_bert_pretrained, multi_data, out, **{"method.name": "full", "training.lr": 2e-3, "training.epochs": 6}
-    )
+    # the random-init body: the sentiment-pretrained one has learnt to ignore the cinema words as filler
+    raw = tiny_recipe(tiny_bert, multi_data, out, **{"method.name": "full", "training.lr": 2e-3, "training.epochs": 10})
     raw["data"]["test"] = {"path": str(multi_data / "test.jsonl")}
     results, _, _ = train_capturing(raw)
-    assert results["metrics"]["f1_micro"] > 0.75, results["metrics"]
+    assert results["metrics"]["f1_micro"] > 0.9, results["metrics"]
     info = json.loads((out / "model" / "hf_finetune.json").read_text())
     task, model, _, _ = load_final(out, recipe_from_dict(raw))
     assert task.thresholds == info["thresholds"] and len(info["thresholds"]) == 3
@@ -239,13 +232,50 @@ def test_multi_label_learns_saves_its_thresholds_and_predicts_above_them(
     assert set(first["probabilities"]) == {"cinema", "happy", "sad"}
 
 
-def test_regression_learns_and_predicts_a_score(tiny_bert_pretrained: Path, score_data: Path, tmp_path: Path) -> None:
+def test_compare_ranks_regression_by_pearson_and_merge_keeps_the_head(
+    tiny_bert_pretrained: Path, score_data: Path, tmp_path: Path
+) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    from hf_finetune.compare import compare
+    from hf_finetune.engine import train
+    from hf_finetune.merging import merge_checkpoint
+
+    raw = tiny_recipe(tiny_bert_pretrained, score_data, tmp_path / "cmp", **{"training.max_steps": 6})
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(json.dumps(raw))
+    compare(str(recipe), ["full", "lora"], [1], train_fn=lambda r: train(r, overwrite=True))
+    data = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    assert data["primary_metric"] == "pearson"
+    lora = tmp_path / "cmp" / "lora" / "seed1"
+    assert data["runs"][1]["quality"] == json.loads((lora / "results.json").read_text())["metrics"]["pearson"]
+    merged = merge_checkpoint(load_final(lora), tmp_path / "merged")
+    plain = AutoModelForSequenceClassification.from_pretrained(merged)
+    assert plain.config.num_labels == 1 and plain.config.problem_type == "regression"
+    task, model, tokenizer, _ = load_final(merged)
+    texts = ["good great film", "the plot"]
+    torch.testing.assert_close(logits_of(plain, tokenizer, texts), logits_of(model, tokenizer, texts))
+    assert task.problem_type == "regression"
+
+
+def test_regression_learns_and_predicts_a_score(tiny_bert: Path, score_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    raw = tiny_recipe(
-        tiny_bert_pretrained, score_data, out, **{"method.name": "full", "training.lr": 2e-3, "training.epochs": 6}
-    )
+    raw = tiny_recipe(tiny_bert, score_data, out, **{"method.name": "full", "training.lr": 2e-3, "training.epochs": 10})
     results, _, _ = train_capturing(raw)
     assert results["metrics"]["pearson"] > 0.8, results["metrics"]
     task, model, _, _ = load_final(out, recipe_from_dict(raw))
     high, low = task.predict(model, [{"sentence": "good great wonderful good film"}, {"sentence": "the film"}])
     assert high["score"] > low["score"] + 1
+
+
+def test_a_fresh_multi_label_head_starts_at_the_training_prior(tiny_bert: Path, multi_data: Path, tmp_path: Path) -> None:
+    import hf_finetune.engine as engine
+
+    run = engine.setup(recipe_from_dict(tiny_recipe(tiny_bert, multi_data, tmp_path / "run")))
+    try:
+        rows = multi_rows(256, seed=1)
+        rate = np.array([sum(label in r["label"] for r in rows) / len(rows) for label in run.task.labels])
+        bias = run.unwrapped.classifier.bias.detach().double().numpy()
+        np.testing.assert_allclose(bias, np.log(rate / (1 - rate)), rtol=1e-6)
+    finally:
+        run.settings.close()

@@ -52,6 +52,21 @@ def train_capturing(raw: dict) -> tuple[dict, torch.nn.Module, dict]:
     return results, model, before
 
 
+def check_trained_parameters(method: str, model: torch.nn.Module, before: dict[str, torch.Tensor]) -> None:
+    """Exactly the parameters `method` may train (TRAINABLE) require grad and changed; every other one is bit-identical."""
+    allowed = TRAINABLE[method]
+    for name, param in model.named_parameters():
+        # PEFT keeps a frozen copy of each fully trained head module beside the trained one
+        intended = any(key in name for key in allowed) and "original_module" not in name
+        assert param.requires_grad == intended, name
+        changed = not torch.equal(param.detach(), before[name])
+        if method == "adalora" and "lora_E" in name and not param.any():
+            continue  # every rank of this module pruned by the budget: E is back at its zero init, as it should be
+        if method == "adalora" and "ranknum" in name:
+            continue  # the rank count, set to the kept ranks when the layers shrink to them after training
+        assert changed == intended, f"{name}: changed={changed}, intended={intended}"
+
+
 def logits_of(model: torch.nn.Module, tokenizer, texts: list[str]) -> torch.Tensor:
     batch = tokenizer(texts, padding=True, return_tensors="pt")
     with torch.no_grad():
@@ -79,16 +94,7 @@ def test_method_trains_only_its_parameters_and_reloads(
     assert sum(losses[-2:]) / 2 < 0.9 * sum(losses[:2]) / 2, losses
 
     allowed = TRAINABLE[method]
-    for name, param in model.named_parameters():
-        # PEFT keeps a frozen copy of each fully trained head module beside the trained one
-        intended = any(key in name for key in allowed) and "original_module" not in name
-        assert param.requires_grad == intended, name
-        changed = not torch.equal(param.detach(), before[name])
-        if method == "adalora" and "lora_E" in name and not param.any():
-            continue  # every rank of this module pruned by the budget: E is back at its zero init, as it should be
-        if method == "adalora" and "ranknum" in name:
-            continue  # the rank count, set to the kept ranks when the layers shrink to them after training
-        assert changed == intended, f"{name}: changed={changed}, intended={intended}"
+    check_trained_parameters(method, model, before)
     # counted before the first step (AdaLoRA's layers shrink to their kept ranks once training ends)
     assert results["trainable_params"] == sum(before[n].numel() for n, p in model.named_parameters() if p.requires_grad)
 

@@ -14,12 +14,16 @@ import torch
 from conftest import build_tiny_bert, write_jsonl
 from seqeval.metrics import classification_report
 from seqeval.metrics import f1_score as seqeval_f1
-from test_engine import LRS, TRAINABLE, train_capturing
+from test_engine import LRS, check_trained_parameters, train_capturing
+from transformers import AutoModelForTokenClassification
 
+import hf_finetune.engine as engine
 from hf_finetune.checkpoint import load_final
 from hf_finetune.data import load_split
 from hf_finetune.errors import InputError
 from hf_finetune.evaluation import evaluate_checkpoint
+from hf_finetune.merging import merge_checkpoint
+from hf_finetune.methods import get_method
 from hf_finetune.metrics.entities.entities import entity_scores, spans
 from hf_finetune.recipe import SplitConfig, apply_override, recipe_from_dict
 from hf_finetune.tasks import get_task
@@ -220,7 +224,7 @@ def test_conll_column_files_are_read_into_words_and_tags(tmp_path: Path) -> None
 
 
 def test_int_tags_take_their_names_from_the_recipe(ner_bert: Path, ner_data: Path, tmp_path: Path) -> None:
-    from datasets import Dataset, DatasetDict
+    from datasets import ClassLabel, Dataset, DatasetDict, Features, List, Value
 
     names = ["O", "B-PER", "I-PER"]
     rows = [{"tokens": ["alice", "said"], "ner_tags": [1, 0]}, {"tokens": ["bob", "smithson"], "ner_tags": [1, 2]}]
@@ -231,6 +235,11 @@ def test_int_tags_take_their_names_from_the_recipe(ner_bert: Path, ner_data: Pat
     plain = task_for(ner_bert, ner_data, tmp_path)
     with pytest.raises(InputError, match=r"data.train row 0: tags are ids without names"):
         plain.prepare(DatasetDict({"train": Dataset.from_list(rows)}))
+    # the Hub's layout: ids with their names in a ClassLabel feature
+    features = Features({"tokens": List(Value("string")), "ner_tags": List(ClassLabel(names=names))})
+    hub = task_for(ner_bert, ner_data, tmp_path)
+    hub.prepare(DatasetDict({"train": Dataset.from_list(rows, features=features)}))
+    assert hub.labels == names
 
 
 @pytest.mark.parametrize(
@@ -276,13 +285,7 @@ def test_every_method_trains_only_its_parameters_and_reloads(
     assert results["primary_metric"] == "f1" and "f1" in results["metrics"]
     losses = [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert sum(losses[-2:]) / 2 < 0.9 * sum(losses[:2]) / 2, losses
-    allowed = TRAINABLE[method]
-    for name, param in model.named_parameters():
-        intended = any(key in name for key in allowed) and "original_module" not in name
-        assert param.requires_grad == intended, name
-        if method == "adalora" and ("ranknum" in name or ("lora_E" in name and not param.any())):
-            continue  # pruned ranks and the rank count, as in the classification test
-        assert (not torch.equal(param.detach(), before[name])) == intended, name
+    check_trained_parameters(method, model, before)
 
     task, reloaded, tokenizer, info = load_final(out)
     assert info["method"] == method and info["labels"] == task.labels == sorted(task.labels)
@@ -292,6 +295,12 @@ def test_every_method_trains_only_its_parameters_and_reloads(
     # eval of the saved model gives the final validation figures
     scores = evaluate_checkpoint(recipe_from_dict(raw), str(out))
     assert scores["metrics"]["f1"] == pytest.approx(results["metrics"]["f1"], abs=1e-9)
+    if get_method(method).mergeable:
+        merged = merge_checkpoint(load_final(out), tmp_path / "merged")
+        plain = AutoModelForTokenClassification.from_pretrained(merged)
+        assert plain.config.id2label == dict(enumerate(task.labels))
+        with torch.no_grad():
+            torch.testing.assert_close(plain.eval()(**batch).logits, model(**batch).logits)
 
 
 def test_full_finetuning_finds_the_entities_and_predict_gives_offsets(
@@ -329,3 +338,17 @@ def test_windows_point_at_their_rows_across_map_batches(ner_bert: Path, ner_data
         scored.setdefault(example, []).extend(w for w in words if w >= 0)
     for example, words in scored.items():
         assert sorted(words) == list(range(len(examples[example]["words"]))), example
+
+
+def test_compare_ranks_token_classification_runs_by_entity_f1(ner_bert: Path, ner_data: Path, tmp_path: Path) -> None:
+    from hf_finetune.compare import compare
+
+    raw = ner_recipe(ner_bert, ner_data, tmp_path / "cmp", **{"training.max_steps": 6})
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(json.dumps(raw))
+    compare(str(recipe), ["full", "lora"], [1], train_fn=lambda r: engine.train(r, overwrite=True))
+    data = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    assert data["primary_metric"] == "f1"
+    for row in data["runs"]:
+        results = json.loads((tmp_path / "cmp" / row["method"] / "seed1" / "results.json").read_text())
+        assert row["quality"] == results["metrics"]["f1"]

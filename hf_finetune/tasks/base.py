@@ -34,10 +34,13 @@ class PositionBudget:
 
 class Task(Protocol):
     name: ClassVar[str]
-    metrics: ClassVar[dict[str, bool]]
-    """Every validation metric `evaluate` returns, each mapped to whether higher is better (`eval_loss` included)."""
-    primary_metric: ClassVar[str]
-    """The validation metric that ranks runs, e.g. in `hf-finetune compare`."""
+    metrics: dict[str, bool]
+    """Every validation metric `evaluate` returns, each mapped to whether higher is better (`eval_loss` included).
+    The class lists every metric the task can return (what the recipe check accepts for `training.best_metric`); an
+    instance whose data decides its problem type (classification: single-label, multi-label or regression) narrows
+    it in `prepare`."""
+    primary_metric: str
+    """The validation metric that ranks runs, e.g. in `hf-finetune compare`; results.json records the run's own."""
     default_max_length: ClassVar[int]
     """Token limit when the recipe leaves `training.max_length` unset."""
     token_level: ClassVar[bool]

@@ -61,6 +61,8 @@ class ClassificationTask(TaskBase):
         self.thresholds: list[float] | None = None
         """Multi-label: each label's decision threshold, tuned on validation or restored with the model."""
         self._restored = False
+        self.prior: list[float] | None = None
+        """Multi-label: each label's share of the training rows (set when the labels come from training data)."""
 
     @staticmethod
     def _declared_kind(recipe: Recipe) -> str | None:
@@ -89,7 +91,7 @@ class ClassificationTask(TaskBase):
     def _metric_problem(recipe: Recipe, kind: str) -> list[str]:
         metrics = KINDS[kind][0]
         best = recipe.training.best_metric
-        if best in metrics or (kind == MULTI and best.startswith("f1_")):
+        if best in metrics:
             return []
         return [f"'training.best_metric': {best!r} is not a {kind.replace('_', ' ')} metric ({', '.join(metrics)})"]
 
@@ -115,6 +117,12 @@ class ClassificationTask(TaskBase):
             return
         if not self.labels:  # restored from a checkpoint otherwise
             self._labels_from_train(raw)
+            if self.problem_type == MULTI:
+                counts = dict.fromkeys(self.labels, 0)
+                for values in raw["train"][self.columns.label]:
+                    for v in set(values):
+                        counts[v] += 1
+                self.prior = [counts[v] / len(raw["train"]) for v in self.labels]
         known = set(self.labels)
         for split in raw:
             if split == "train" and not self._restored:
@@ -203,13 +211,33 @@ class ClassificationTask(TaskBase):
             config.num_labels = len(self.labels)
             config.id2label, config.label2id = {i: str(v) for i, v in enumerate(self.labels)}, self.label2id
         config.problem_type = self.problem_type
-        return AutoModelForSequenceClassification.from_pretrained(
+        model, info = AutoModelForSequenceClassification.from_pretrained(
             path,
             config=config,
             revision=m.revision,
             use_safetensors=True,  # pickle-free weights only
             trust_remote_code=m.trust_remote_code,
+            output_loading_info=True,
         )
+        if self.problem_type == MULTI and self.prior is not None:
+            self._bias_from_prior(model, info["missing_keys"])
+        return model
+
+    def _bias_from_prior(self, model: PreTrainedModel, missing: Any) -> None:
+        """A fresh multi-label head starts at each label's log-odds in the training data, not at probability 0.5.
+
+        From a zero bias every step first has to push 28 sigmoids from 0.5 down to their base rates (GoEmotions: 1 to
+        30%), and at fine-tuning learning rates a bias moves ~lr per step: the body learns to output the prior
+        instead of the labels (docs/benchmarks.md, "multi-label head bias"). The prior start of Lin et al. 2017
+        (focal loss, sec. 4.1)."""
+        n = len(self.labels)
+        params = dict(model.named_parameters())
+        fresh = [k for k in missing if k.endswith(".bias") and k in params and params[k].shape == (n,)]
+        if len(fresh) != 1:
+            return  # no bias, or not one we can tell is the fresh output layer's
+        rate = torch.tensor(self.prior, dtype=torch.float64).clamp(1e-4, 1 - 1e-4)
+        with torch.no_grad():
+            params[fresh[0]].copy_(torch.log(rate / (1 - rate)).to(params[fresh[0]].dtype))
 
     def _encode(self, batch: dict[str, list]) -> dict[str, list]:
         pair = batch[self.columns.text_pair] if self.columns.text_pair else None

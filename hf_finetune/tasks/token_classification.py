@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from datasets import Dataset, DatasetDict, Sequence
+from datasets import Dataset, DatasetDict
 from transformers import AutoModelForTokenClassification, PreTrainedModel, PreTrainedTokenizerBase
 
 from hf_finetune.data import require_columns
@@ -93,9 +93,8 @@ class TokenClassificationTask(TaskBase):
     def _names(self, ds: Dataset) -> list[str] | None:
         """Tag names for int tags: the split's ClassLabel feature, else `token_classification.label_names`."""
         feature = ds.features.get(self.columns.tags)
-        inner = getattr(feature, "feature", None) if isinstance(feature, Sequence) else None
-        if inner is None and isinstance(feature, list) and feature:
-            inner = feature[0]
+        # a List/Sequence feature holds its item type in `.feature`; a plain-list feature spec, as its only item
+        inner = getattr(feature, "feature", None) or (feature[0] if isinstance(feature, list) and feature else None)
         names = getattr(inner, "names", None)
         return list(names) if names else self.cfg.label_names
 
