@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import random
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -135,14 +133,6 @@ def test_lists_are_multi_label_and_floats_regression(tiny_bert: Path, multi_data
         assert (task.problem_type, task.primary_metric) == (kind, primary)
 
 
-def run_cli(raw: dict, tmp_path: Path) -> subprocess.CompletedProcess:
-    path = tmp_path / "recipe.yaml"
-    path.write_text(json.dumps(raw))
-    return subprocess.run(
-        [sys.executable, "-m", "hf_finetune", "train", str(path)], capture_output=True, text=True, timeout=300
-    )
-
-
 @pytest.mark.parametrize(
     ("change", "extra", "message"),
     [
@@ -153,18 +143,24 @@ def run_cli(raw: dict, tmp_path: Path) -> subprocess.CompletedProcess:
     ],
 )
 def test_bad_regression_targets_exit_2(
-    change: str, extra: dict, message: str, tiny_bert: Path, score_data: Path, tmp_path: Path
+    change: str, extra: dict, message: str, tiny_bert: Path, score_data: Path, tmp_path: Path, capsys
 ) -> None:
+    from hf_finetune.cli import main
+
     rows = [json.loads(line) for line in (score_data / "train.jsonl").read_text().splitlines()]
     if change == "null":
         rows[5]["label"] = None
     elif change == "text":
         rows = [{**r, "label": "high" if r["label"] > 1 else "low"} for r in rows]
     write_jsonl(score_data / "train.jsonl", rows)
-    done = run_cli(tiny_recipe(tiny_bert, score_data, tmp_path / "run", **extra), tmp_path)
-    assert done.returncode == 2, done.stderr[-2000:]
-    last = [line for line in done.stderr.splitlines() if line.strip()][-1]
-    assert re.search(message, last), last
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(json.dumps(tiny_recipe(tiny_bert, score_data, tmp_path / "run", **extra)))
+    capsys.readouterr()
+    code = main(["train", str(recipe)])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("hf-finetune: error:")]
+    assert code == 2 and len(lines) == 1, lines
+    assert re.search(message, lines[0]), lines[0]
+    assert not (tmp_path / "run").exists()
 
 
 # ---- every method on both problem types ----------------------------------------------------------------------------

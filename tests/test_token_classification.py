@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
-import sys
+import re
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ from transformers import AutoModelForTokenClassification
 
 import hf_finetune.engine as engine
 from hf_finetune.checkpoint import load_final
+from hf_finetune.cli import main
 from hf_finetune.data import load_split
 from hf_finetune.errors import InputError
 from hf_finetune.evaluation import evaluate_checkpoint
@@ -252,24 +252,20 @@ def test_int_tags_take_their_names_from_the_recipe(ner_bert: Path, ner_data: Pat
     ],
 )
 def test_bad_rows_exit_2_naming_the_row(
-    row: dict, split: str, message: str, ner_bert: Path, ner_data: Path, tmp_path: Path
+    row: dict, split: str, message: str, ner_bert: Path, ner_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     path = ner_data / f"{split}.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     rows.insert(3, row)
     write_jsonl(path, rows)
-    raw = ner_recipe(ner_bert, ner_data, tmp_path / "run")
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(json.dumps(raw))
-    done = subprocess.run(
-        [sys.executable, "-m", "hf_finetune", "train", str(recipe)], capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 2, done.stderr[-2000:]
-    lines = [line for line in done.stderr.splitlines() if line.strip()]
-    import re
-
-    assert re.search(message, lines[-1]), lines[-1]
-    assert not (tmp_path / "run" / "model").exists()
+    recipe.write_text(json.dumps(ner_recipe(ner_bert, ner_data, tmp_path / "run")))
+    capsys.readouterr()
+    code = main(["train", str(recipe)])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("hf-finetune: error:")]
+    assert code == 2 and len(lines) == 1, lines
+    assert re.search(message, lines[0]), lines[0]
+    assert not (tmp_path / "run").exists()
 
 
 # ---- training, every method ----------------------------------------------------------------------------------------
