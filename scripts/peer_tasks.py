@@ -264,6 +264,8 @@ def main() -> None:
                 print(f"peer_tasks: {name} {method} {side} ...", file=sys.stderr, flush=True)
                 result = spawn(cfg, logs / f"{name}-{method}-{side}.log")
                 rows.append({**cfg, **result})
+                if args.json:  # after every run, so an interrupted invocation keeps what it measured
+                    args.json.write_text(json.dumps(rows, indent=2, default=float) + "\n")
     print("| recipe | method | side | lr | steps | train s | validation | test |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -274,8 +276,6 @@ def main() -> None:
             val += f" (tuned {fmt(r['validation'], key + '_tuned')})"
             test += f" (tuned {fmt(r['test'], key + '_tuned')})"
         print("| " + " | ".join([*cells, f"{key} {val}", f"{key} {test}"]) + " |")
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2, default=float) + "\n")
     print(f"logs: {logs}", file=sys.stderr)
 
 
