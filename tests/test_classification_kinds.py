@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import CUES, WORDS, tiny_recipe, write_jsonl
+from test_bad_inputs import expect_exit_2
 from test_engine import LRS, check_trained_parameters, train_capturing
 
 from hf_finetune.checkpoint import load_final
@@ -145,8 +146,7 @@ def test_lists_are_multi_label_and_floats_regression(tiny_bert: Path, multi_data
 def test_bad_regression_targets_exit_2(
     change: str, extra: dict, message: str, tiny_bert: Path, score_data: Path, tmp_path: Path, capsys
 ) -> None:
-    from hf_finetune.cli import main
-
+    
     rows = [json.loads(line) for line in (score_data / "train.jsonl").read_text().splitlines()]
     if change == "null":
         rows[5]["label"] = None
@@ -155,11 +155,8 @@ def test_bad_regression_targets_exit_2(
     write_jsonl(score_data / "train.jsonl", rows)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(json.dumps(tiny_recipe(tiny_bert, score_data, tmp_path / "run", **extra)))
-    capsys.readouterr()
-    code = main(["train", str(recipe)])
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("hf-finetune: error:")]
-    assert code == 2 and len(lines) == 1, lines
-    assert re.search(message, lines[0]), lines[0]
+    line = expect_exit_2(["train", str(recipe)], capsys, [])
+    assert re.search(message, line), line
     assert not (tmp_path / "run").exists()
 
 

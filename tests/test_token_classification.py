@@ -13,12 +13,12 @@ import torch
 from conftest import build_tiny_bert, write_jsonl
 from seqeval.metrics import classification_report
 from seqeval.metrics import f1_score as seqeval_f1
+from test_bad_inputs import expect_exit_2
 from test_engine import LRS, check_trained_parameters, train_capturing
 from transformers import AutoModelForTokenClassification
 
 import hf_finetune.engine as engine
 from hf_finetune.checkpoint import load_final
-from hf_finetune.cli import main
 from hf_finetune.data import load_split
 from hf_finetune.errors import InputError
 from hf_finetune.evaluation import evaluate_checkpoint
@@ -260,11 +260,8 @@ def test_bad_rows_exit_2_naming_the_row(
     write_jsonl(path, rows)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(json.dumps(ner_recipe(ner_bert, ner_data, tmp_path / "run")))
-    capsys.readouterr()
-    code = main(["train", str(recipe)])
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("hf-finetune: error:")]
-    assert code == 2 and len(lines) == 1, lines
-    assert re.search(message, lines[0]), lines[0]
+    line = expect_exit_2(["train", str(recipe)], capsys, [])
+    assert re.search(message, line), line
     assert not (tmp_path / "run").exists()
 
 
