@@ -54,6 +54,8 @@ def prepare_output_dir(out: Path, step: int, replace: bool, resolved: dict[str, 
     if replace:
         # the replaced run's checkpoints: resuming from them later would mix two runs
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    if step == 0:
+        shutil.rmtree(out / "predictions", ignore_errors=True)  # the replaced run's, written by its final evaluation
     trim_metrics(out / "metrics.jsonl", step)
     (out / "recipe.resolved.json").write_text(json.dumps(resolved, indent=2))
 
@@ -81,6 +83,17 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with disk_errors(path, tmp):
         tmp.write_text(json.dumps(data, indent=2, default=str))
+        os.replace(tmp, path)
+
+
+def write_jsonl_atomic(path: Path, rows: list[dict[str, Any]]) -> None:
+    """One JSON object per line (numpy scalars and other odd values as strings), replacing `path` only when whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with disk_errors(path, tmp):
+        with tmp.open("w") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
         os.replace(tmp, path)
 
 

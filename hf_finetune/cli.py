@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("recipe")
     evaluate.add_argument("overrides", **overrides, metavar="checkpoint=DIR [key=value]")
+    evaluate.add_argument(
+        "--predictions", metavar="DIR", help="also write each example's prediction to DIR/<split>.jsonl"
+    )
 
     predict = sub.add_parser("predict", help="predict JSONL rows with a checkpoint")
     predict.add_argument("recipe")
@@ -180,7 +183,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from hf_finetune.recipe import load_recipe
 
     checkpoint, overrides = _split_checkpoint(args.overrides)
-    print(json.dumps(evaluate_checkpoint(load_recipe(args.recipe, overrides), checkpoint)))
+    recipe = load_recipe(args.recipe, overrides)
+    print(json.dumps(evaluate_checkpoint(recipe, checkpoint, args.predictions and Path(args.predictions))))
     return 0
 
 

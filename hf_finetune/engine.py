@@ -263,9 +263,15 @@ def log_loss(run: Run, state: LoopState, epoch: int) -> float:
     return loss
 
 
-def evaluate(run: Run, split: str, step: int) -> dict[str, float]:
-    scores = run.task.evaluate(run.model, run.eval_loaders[split], run.accelerator, split)
-    run.log.write({"step": step, **{f"{split}/{k}": v for k, v in scores.items()}})
+def evaluate(run: Run, split: str, step: int, predictions: bool = False, log: bool = True) -> dict[str, float]:
+    """The task's metrics on `split`, logged unless `log` is off; with `predictions`, also each example's row in
+    `output_dir/predictions/<split>.jsonl`."""
+    records: list[dict] | None = [] if predictions else None
+    scores = run.task.evaluate(run.model, run.eval_loaders[split], run.accelerator, split, records=records)
+    if log:
+        run.log.write({"step": step, **{f"{split}/{k}": v for k, v in scores.items()}})
+    if records is not None and run.accelerator.is_main_process:
+        checkpoint.write_jsonl_atomic(run.out / "predictions" / f"{split}.jsonl", records)
     return scores
 
 
@@ -289,8 +295,9 @@ def finish(run: Run, state: LoopState) -> dict[str, Any]:
     recipe, acc, out = run.recipe, run.accelerator, run.out
     if run.method.on_train_end is not None:
         run.method.on_train_end(run.unwrapped)
-    metrics = evaluate(run, "validation", state.step) if "validation" in run.eval_loaders else {}
-    test_metrics = run.task.evaluate(run.model, run.eval_loaders["test"], acc, "test") if "test" in run.eval_loaders else None
+    metrics = evaluate(run, "validation", state.step, predictions=True) if "validation" in run.eval_loaders else {}
+    has_test = "test" in run.eval_loaders
+    test_metrics = evaluate(run, "test", state.step, predictions=True, log=False) if has_test else None
     if not metrics:
         run.log.write({"step": state.step})
     best = out / "checkpoints" / "best.json"

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
 
-from hf_finetune.checkpoint import load_final
+from hf_finetune.checkpoint import load_final, write_jsonl_atomic
 from hf_finetune.data import load_splits
 from hf_finetune.device import cpu_process_settings, padding_for
 from hf_finetune.recipe import Recipe
@@ -15,7 +16,9 @@ from hf_finetune.sampling import eval_loader
 from hf_finetune.system import choose_precision, prepare_run
 
 
-def evaluate_checkpoint(recipe: Recipe, checkpoint: str) -> dict[str, Any]:
+def evaluate_checkpoint(recipe: Recipe, checkpoint: str, predictions: Path | None = None) -> dict[str, Any]:
+    """The checkpoint's metrics per split; with `predictions`, also each example's row in `predictions/<split>.jsonl`
+    (the rows training writes to `output_dir/predictions/`)."""
     t = recipe.training
     prepare_run()
     accelerator = Accelerator(mixed_precision=choose_precision(t.precision))
@@ -32,5 +35,8 @@ def evaluate_checkpoint(recipe: Recipe, checkpoint: str) -> dict[str, Any]:
         for split, key in (("validation", "metrics"), ("test", "test_metrics")):
             if split in encoded:
                 loader = accelerator.prepare(eval_loader(encoded[split], t.eval_batch, task.collator()))
-                scores[key] = task.evaluate(model, loader, accelerator, split)
+                records: list[dict] | None = [] if predictions else None
+                scores[key] = task.evaluate(model, loader, accelerator, split, records=records)
+                if records is not None and accelerator.is_main_process:
+                    write_jsonl_atomic(predictions / f"{split}.jsonl", records)
     return scores

@@ -15,6 +15,7 @@ import torch
 from conftest import CUES, WORDS, tiny_recipe, write_jsonl
 from test_bad_inputs import expect_exit_2
 from test_engine import LRS, check_trained_parameters, train_capturing
+from test_predictions import check_predictions, rows_in
 
 from hf_finetune.checkpoint import load_final
 from hf_finetune.evaluation import evaluate_checkpoint
@@ -209,6 +210,8 @@ def test_multi_label_learns_saves_its_thresholds_and_predicts_above_them(
     raw["data"]["test"] = {"path": str(multi_data / "test.jsonl")}
     results, _, _ = train_capturing(raw)
     assert results["metrics"]["f1_micro"] > 0.9, results["metrics"]
+    rows = check_predictions(out, {s: rows_in(multi_data / f"{s}.jsonl") for s in ("validation", "test")})
+    assert all(set(r["prediction"]) <= {"cinema", "happy", "sad"} for r in rows["test"])
     info = json.loads((out / "model" / "hf_finetune.json").read_text())
     task, model, _, _ = load_final(out, recipe_from_dict(raw))
     assert task.thresholds == info["thresholds"] and len(info["thresholds"]) == 3
@@ -256,6 +259,7 @@ def test_regression_learns_and_predicts_a_score(tiny_bert: Path, score_data: Pat
     raw = tiny_recipe(tiny_bert, score_data, out, **{"method.name": "full", "training.lr": 2e-3, "training.epochs": 10})
     results, _, _ = train_capturing(raw)
     assert results["metrics"]["pearson"] > 0.8, results["metrics"]
+    check_predictions(out, {"validation": rows_in(score_data / "validation.jsonl")})
     task, model, _, _ = load_final(out, recipe_from_dict(raw))
     high, low = task.predict(model, [{"sentence": "good great wonderful good film"}, {"sentence": "the film"}])
     assert high["score"] > low["score"] + 1

@@ -23,6 +23,7 @@ from hf_finetune.sampling import eval_loader
 from hf_finetune.scratch import Dims, write_scratch_model
 from hf_finetune.tasks import get_task
 from tests.conftest import write_jsonl
+from tests.test_predictions import check_predictions
 
 ANIMALS = "cat dog bird fox horse".split()
 PLACES = "mat rug hill road field".split()
@@ -418,6 +419,7 @@ def test_best_checkpoint_by_perplexity_is_the_lowest(tiny_gpt2: Path, lm_data: P
         "training.save_total_limit": 1, "training.best_metric": "perplexity", "training.lr": 1e-2,
     })  # fmt: skip
     results = train(recipe_from_dict(raw))
+    check_predictions(out, {"validation": None})
     log = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     scored = {r["step"]: r["validation/perplexity"] for r in log if "validation/perplexity" in r and r["step"] < 12}
     assert len(set(scored.values())) > 1, scored

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import build_tiny_bert, write_jsonl
+from test_predictions import check_predictions
 from transformers import BertTokenizer
 
 import hf_finetune.engine as engine
@@ -369,6 +370,8 @@ def test_cli_predictions_scored_by_the_official_algorithm_equal_our_metric(
     assert results["f1"] > 50  # the cue is learnable: a trained model finds most cities
 
     validation = [json.loads(line) for line in (qa_data / "validation.jsonl").read_text().splitlines()]
+    saved = check_predictions(out, {"validation": len(validation)})["validation"]
+    assert [r["id"] for r in saved] == [r["id"] for r in validation]
     questions = tmp_path / "q.jsonl"
     write_jsonl(
         questions, [{"id": r["id"], "question": r["question"], "context": r["context"]} for r in validation]
@@ -396,9 +399,12 @@ def test_cli_predictions_scored_by_the_official_algorithm_equal_our_metric(
     assert math.isclose(official["f1"], results["f1"], abs_tol=1e-6)
 
     capsys.readouterr()
-    assert main(["eval", str(recipe_file), f"checkpoint={out}"]) == 0
+    assert main(["eval", str(recipe_file), f"checkpoint={out}", "--predictions", str(tmp_path / "eval")]) == 0
     again = json.loads(capsys.readouterr().out)["metrics"]
     assert again["f1"] == pytest.approx(results["f1"], abs=1e-9)
+    # eval's rows are training's: the same answer to every question
+    rows = [json.loads(x) for x in (tmp_path / "eval" / "validation.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["prediction"]) for r in rows] == [(r["id"], r["prediction"]) for r in saved]
 
 
 def test_version_2_trains_with_unanswerable_questions_and_reports_the_splits(

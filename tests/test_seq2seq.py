@@ -20,6 +20,7 @@ from hf_finetune.recipe import apply_override, recipe_from_dict
 from hf_finetune.scratch import Dims, write_scratch_model
 from hf_finetune.tasks import get_task
 from tests.conftest import write_jsonl
+from tests.test_predictions import check_predictions, rows_in
 
 LEXICON = {"the": "der", "cat": "katze", "dog": "hund", "sees": "sieht", "eats": "isst", "big": "grosse",
            "small": "kleine", "bird": "vogel", "fish": "fisch", "and": "und", "red": "rote", "old": "alte"}  # fmt: skip
@@ -150,6 +151,7 @@ def test_full_fine_tuning_learns_the_lexicon(
                                                                        "training.eval_at_start": True})  # fmt: skip
     results = train(recipe_from_dict(raw))
     before, after = results["initial_metrics"], results["metrics"]
+    check_predictions(tmp_path / "run", {"validation": rows_in(mt_data / "validation.jsonl")})
     assert after["chrf"] > before["chrf"] + 10 and after["bleu"] > before["bleu"], (before, after)
     assert after["eval_loss"] < before["eval_loss"] / 3
     src = write_jsonl(tmp_path / "in.jsonl", [{"en": "the big cat"}, {"en": "the dog eats the red fish"}])
@@ -245,6 +247,8 @@ def test_summarization_reports_the_lead_baseline(tiny_models: dict[str, Path], t
     })  # fmt: skip
     metrics = train(recipe_from_dict(raw))["metrics"]
     assert {"rouge1", "rouge2", "rougeL", "rougeLsum", "lead_rouge1", "lead_rougeLsum"} <= set(metrics)
+    saved = check_predictions(tmp_path / "run", {"validation": 16})["validation"]
+    assert saved[0]["document"] == rows[48]["document"] and saved[0]["reference"] == rows[48]["summary"]
     # the lead sentence here is exactly the summary plus a full stop
     assert metrics["lead_rouge1"] == pytest.approx(100.0)
 

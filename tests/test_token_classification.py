@@ -15,6 +15,7 @@ from seqeval.metrics import classification_report
 from seqeval.metrics import f1_score as seqeval_f1
 from test_bad_inputs import expect_exit_2
 from test_engine import LRS, check_trained_parameters, train_capturing
+from test_predictions import check_predictions, rows_in
 from transformers import AutoModelForTokenClassification
 
 import hf_finetune.engine as engine
@@ -303,6 +304,8 @@ def test_full_finetuning_finds_the_entities_and_predict_gives_offsets(
     raw = ner_recipe(ner_bert, ner_data, out, **{"method.name": "full", "training.lr": 3e-3, "training.epochs": 10})
     results, _, _ = train_capturing(raw)
     assert results["metrics"]["f1"] > 0.8, results["metrics"]
+    rows = check_predictions(out, {"validation": rows_in(ner_data / "validation.jsonl")})["validation"]
+    assert all(len(r["prediction"]) == len(r["reference"]) == len(r["tokens"]) for r in rows)
     task, model, _, _ = load_final(out, recipe_from_dict(raw))
     text = "  alice said   in new york to bob smithson"
     rows = [{"text": text}, {"tokens": ["said", "carol", "jones", "of", "acme", "corporation"]}]

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 from accelerate import Accelerator
-from datasets import DatasetDict
+from datasets import Dataset, DatasetDict
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from hf_finetune.device import Padding
@@ -84,9 +84,18 @@ class Task(Protocol):
     def collator(self) -> Any: ...
 
     def evaluate(
-        self, model: torch.nn.Module, loader: Any, accelerator: Accelerator, split: str = "validation"
+        self,
+        model: torch.nn.Module,
+        loader: Any,
+        accelerator: Accelerator,
+        split: str = "validation",
+        records: list[dict] | None = None,
     ) -> dict[str, float]:
-        """Task metrics plus `eval_loss` on `split` (as preprocessed), each example counted once across processes."""
+        """Task metrics plus `eval_loss` on `split` (as preprocessed), each example counted once across processes.
+
+        With `records`, also appends one row per example of the split, in its order: `id`, the input fields a person
+        needs to read it, `prediction`, `reference`, and under `scores` the per-example values whose mean over the
+        split is the metric of the same name (where the metric is such a mean)."""
 
     def predict(self, model: torch.nn.Module, rows: list[dict]) -> list[dict]: ...
 
@@ -141,6 +150,14 @@ class TaskBase:
 
     def restore(self, info: dict[str, Any]) -> None:
         pass
+
+
+def example_ids(ds: Dataset) -> list[Any]:
+    """The split's own example ids (an `id`, `idx` or `guid` column, as GLUE and SQuAD name them), else row numbers."""
+    for column in ("id", "idx", "guid"):
+        if column in ds.column_names:
+            return list(ds[column])
+    return list(range(len(ds)))
 
 
 def positive(values: dict[str, int | None]) -> list[str]:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from datasets import DatasetDict
+from datasets import Dataset, DatasetDict
 from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel
 
 from hf_finetune.data import require_columns
@@ -23,7 +23,7 @@ from hf_finetune.metrics.classification.classification import (
     regression_scores,
     tune_thresholds,
 )
-from hf_finetune.tasks.base import TaskBase
+from hf_finetune.tasks.base import TaskBase, example_ids
 
 if TYPE_CHECKING:
     from hf_finetune.recipe import Recipe
@@ -61,6 +61,8 @@ class ClassificationTask(TaskBase):
         self.thresholds: list[float] | None = None
         """Multi-label: each label's decision threshold, tuned on validation or restored with the model."""
         self._restored = False
+        self._eval: dict[str, Dataset] = {}
+        """The raw evaluation splits, for the saved predictions."""
         self.prior: list[float] | None = None
         """Multi-label: each label's share of the training rows (set when the labels come from training data)."""
 
@@ -263,6 +265,7 @@ class ClassificationTask(TaskBase):
             encoded["length"] = [len(x) for x in encoded["input_ids"]]
             return encoded
 
+        self._eval.update({split: ds for split, ds in raw.items() if split != "train"})
         return DatasetDict(
             {
                 split: ds.map(
@@ -298,7 +301,12 @@ class ClassificationTask(TaskBase):
         return out
 
     def evaluate(
-        self, model: torch.nn.Module, loader: Any, accelerator: Accelerator, split: str = "validation"
+        self,
+        model: torch.nn.Module,
+        loader: Any,
+        accelerator: Accelerator,
+        split: str = "validation",
+        records: list[dict] | None = None,
     ) -> dict[str, float]:
         loss_sum, count, logits, labels = 0.0, 0, [], []
 
@@ -314,17 +322,55 @@ class ClassificationTask(TaskBase):
         scores = {"eval_loss": loss_sum / max(count, 1)}
         logit, label = torch.cat(logits).numpy(), torch.cat(labels).numpy()
         if self.problem_type == REGRESSION:
-            return {**scores, **regression_scores(logit[:, 0], label)}
-        if self.problem_type == MULTI:
+            scores.update(regression_scores(logit[:, 0], label))
+        elif self.problem_type == MULTI:
             probs = 1 / (1 + np.exp(-logit))
             if split == "validation" and self.cfg.tune_thresholds and not self._restored:
                 # every process holds the same gathered outputs, so every process picks the same thresholds
                 self.thresholds = tune_thresholds(probs, label, default=self.cfg.threshold)
             names = [str(v) for v in self.labels]
-            return {**scores, **multi_label_scores(probs >= self._thresholds(), label, names)}
-        metric = load_metric("classification")
-        metric.add_batch(predictions=logit.argmax(-1).tolist(), references=label.tolist())
-        return {**scores, **metric.compute(labels=list(range(len(self.labels))))}
+            scores.update(multi_label_scores(probs >= self._thresholds(), label, names))
+        else:
+            metric = load_metric("classification")
+            metric.add_batch(predictions=logit.argmax(-1).tolist(), references=label.tolist())
+            scores.update(metric.compute(labels=list(range(len(self.labels)))))
+        if records is not None:
+            records.extend(self._records(self._eval[split], logit, label))
+        return scores
+
+    def _records(self, ds: Dataset, logit: np.ndarray, label: np.ndarray) -> list[dict]:
+        """One row per example: its id and text columns, prediction, reference and the per-example value of the
+        metric that is a mean over examples (accuracy, subset accuracy, squared error)."""
+        if len(ds) != len(logit):
+            raise RuntimeError(f"{len(logit)} outputs for {len(ds)} examples")
+        text = {c: ds[c] for c in (self.columns.text, self.columns.text_pair) if c}
+        rows = []
+        for i, id_ in enumerate(example_ids(ds)):
+            row: dict[str, Any] = {"id": id_, **{c: values[i] for c, values in text.items()}}
+            if self.problem_type == REGRESSION:
+                value, gold = float(logit[i, 0]), float(label[i])
+                row.update(prediction=value, reference=gold, scores={"mse": (value - gold) ** 2})
+            elif self.problem_type == MULTI:
+                p = 1 / (1 + np.exp(-logit[i]))
+                chosen = p >= self._thresholds()
+                gold = label[i] > 0.5
+                row.update(
+                    prediction=[v for v, c in zip(self.labels, chosen, strict=True) if c],
+                    probabilities={str(v): float(q) for v, q in zip(self.labels, p, strict=True)},
+                    reference=[v for v, g in zip(self.labels, gold, strict=True) if g],
+                    scores={"subset_accuracy": float((chosen == gold).all())},
+                )
+            else:
+                p = np.exp(logit[i] - logit[i].max())
+                best = int(logit[i].argmax())
+                row.update(
+                    prediction=self.labels[best],
+                    probability=float(p[best] / p.sum()),
+                    reference=self.labels[int(label[i])],
+                    scores={"accuracy": float(best == int(label[i]))},
+                )
+            rows.append(row)
+        return rows
 
     def _thresholds(self) -> np.ndarray:
         if self.thresholds is None:

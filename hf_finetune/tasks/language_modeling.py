@@ -62,6 +62,8 @@ class LanguageModelingTask(TaskBase):
         super().__init__(recipe)
         self.column = recipe.data.columns.text
         self.join = recipe.lm.join
+        self._eval: dict[str, Dataset] = {}
+        """The packed evaluation splits, for the saved predictions."""
 
     @classmethod
     def check_recipe(cls, recipe: Recipe) -> list[str]:
@@ -179,6 +181,8 @@ class LanguageModelingTask(TaskBase):
             packed = self.pack(tokenised)
             if not self.causal and split != "train":
                 packed = self._mask_once(packed)
+            if split != "train":
+                self._eval[split] = packed
             out[split] = packed
         return DatasetDict(out)
 
@@ -222,9 +226,15 @@ class LanguageModelingTask(TaskBase):
     # ---- evaluation -----------------------------------------------------------------------------------------------
 
     def evaluate(
-        self, model: torch.nn.Module, loader: Any, accelerator: Accelerator, split: str = "validation"
+        self,
+        model: torch.nn.Module,
+        loader: Any,
+        accelerator: Accelerator,
+        split: str = "validation",
+        records: list[dict] | None = None,
     ) -> dict[str, float]:
-        """Perplexity = exp(summed token loss / scored tokens) over the whole split, not a mean of batch means."""
+        """Perplexity = exp(summed token loss / scored tokens) over the whole split, not a mean of batch means.
+        A saved prediction row is one block: its text, scored tokens and their mean loss."""
         metric = load_metric("perplexity")
 
         def forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -234,8 +244,16 @@ class LanguageModelingTask(TaskBase):
             sums, counts = token_losses(logits, labels, shift=self.shift_labels)
             return {"sums": sums, "counts": counts}
 
+        sums, counts = [], []
         for out in gathered_outputs(model, loader, accelerator, forward):
-            metric.add_batch(loss_sums=out["sums"].tolist(), token_counts=out["counts"].tolist())
+            sums += out["sums"].tolist()
+            counts += out["counts"].tolist()
+        metric.add_batch(loss_sums=sums, token_counts=counts)
+        if records is not None:
+            blocks = self._eval[split]["input_ids"]
+            for i, (ids, total, n) in enumerate(zip(blocks, sums, counts, strict=True)):
+                text = self.tokenizer.decode(ids, skip_special_tokens=False)
+                records.append({"id": i, "text": text, "tokens": int(n), "loss": total / n if n else None})
         return metric.compute()
 
     # ---- prediction -----------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from hf_finetune.device import Padding, RulePadding
 from hf_finetune.errors import InputError
 from hf_finetune.inference import batched_rows, gathered_outputs
 from hf_finetune.metrics import load_metric
+from hf_finetune.metrics.squad.squad import example_scores
 from hf_finetune.tasks.base import TaskBase, positive
 
 if TYPE_CHECKING:
@@ -347,7 +348,12 @@ class QuestionAnsweringTask(TaskBase):
         return SpanCollector(self.qa.n_best_size, self.qa.max_answer_length, self.qa.version_2_with_negative)
 
     def evaluate(
-        self, model: torch.nn.Module, loader: Any, accelerator: Accelerator, split: str = "validation"
+        self,
+        model: torch.nn.Module,
+        loader: Any,
+        accelerator: Accelerator,
+        split: str = "validation",
+        records: list[dict] | None = None,
     ) -> dict[str, float]:
         features, examples = self._eval[split]
         collector = self._collector()
@@ -388,6 +394,19 @@ class QuestionAnsweringTask(TaskBase):
             version_2_with_negative=self.qa.version_2_with_negative,
         )
         scores.pop("total")
+        if records is not None:
+            v2 = self.qa.version_2_with_negative
+            rows = zip(predictions, references, examples["question"], examples["context"], strict=True)
+            for p, ref, question, context in rows:
+                em, f1, _ = example_scores(p["prediction_text"], ref, v2)
+                records.append({
+                    "id": ref["id"],
+                    "question": question,
+                    "context": context,
+                    "prediction": p["prediction_text"],
+                    "reference": list(ref["answers"]["text"]),
+                    "scores": {"exact_match": 100.0 * em, "f1": 100.0 * f1},
+                })  # fmt: skip
         return {"eval_loss": loss_sum / max(count, 1), **scores}
 
     def predict(self, model: torch.nn.Module, rows: list[dict]) -> list[dict]:

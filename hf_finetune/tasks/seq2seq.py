@@ -37,7 +37,7 @@ from hf_finetune.errors import InputError
 from hf_finetune.inference import batched_rows, gathered_outputs
 from hf_finetune.losses import token_losses
 from hf_finetune.metrics import load_metric
-from hf_finetune.tasks.base import PositionBudget, TaskBase, positive
+from hf_finetune.tasks.base import PositionBudget, TaskBase, example_ids, positive
 
 if TYPE_CHECKING:
     from hf_finetune.recipe import Recipe
@@ -67,6 +67,7 @@ class Seq2SeqTask(TaskBase):
         self.decoder_only = False
         self.references: dict[str, list[list[str]]] = {}
         self.sources: dict[str, list[str]] = {}
+        self.ids: dict[str, list[Any]] = {}
         self.max_new_tokens = self.cfg.max_new_tokens
         # BERT2BERT from a checkpoint without an MLM head (all-MiniLM-L6-v2): its transform starts random, so it
         # trains with every method, like a classification head
@@ -127,6 +128,7 @@ class Seq2SeqTask(TaskBase):
                 refs = [[t] for t in ds[self.target]]
             self.references[split] = refs
             self.sources[split] = list(ds[self.source])
+            self.ids[split] = example_ids(ds)
 
     def tokenizer_corpus(self, raw: DatasetDict) -> Any:
         """A from-scratch tokenizer learns one joint vocabulary from both sides of the training split."""
@@ -253,7 +255,12 @@ class Seq2SeqTask(TaskBase):
         return options
 
     def evaluate(
-        self, model: torch.nn.Module, loader: Any, accelerator: Accelerator, split: str = "validation"
+        self,
+        model: torch.nn.Module,
+        loader: Any,
+        accelerator: Accelerator,
+        split: str = "validation",
+        records: list[dict] | None = None,
     ) -> dict[str, float]:
         tokenizer = self.tokenizer
         unwrapped = accelerator.unwrap_model(model)
@@ -288,8 +295,19 @@ class Seq2SeqTask(TaskBase):
                 tokens += int(out["counts"].sum().item())
         refs = self.references[split]
         order = sorted(predictions)
-        scores = self.score([predictions[i] for i in order], [refs[i] for i in order], split, order)
+        texts, gold = [predictions[i] for i in order], [refs[i] for i in order]
+        scores = self.score(texts, gold, split, order)
+        if records is not None:
+            per_example = self.example_scores(texts, gold) or [None] * len(order)
+            for i, text, references, values in zip(order, texts, gold, per_example, strict=True):
+                row = {"id": self.ids[split][i], self.source: self.sources[split][i], "prediction": text}
+                row["reference"] = references[0] if len(references) == 1 else references
+                records.append({**row, **({"scores": values} if values else {})})
         return {**({"eval_loss": loss_sum / tokens} if tokens else {}), **scores}
+
+    def example_scores(self, predictions: list[str], references: list[list[str]]) -> list[dict[str, float]] | None:
+        """Per-example values whose mean is a corpus metric; None where the metric is no such mean (BLEU, chrF)."""
+        return None
 
     def _generate(
         self,
@@ -386,6 +404,11 @@ class SummarizationTask(Seq2SeqTask):
         leads = [lead_sentence(self.sources[split][i]) for i in order]
         lead = metric.compute(predictions=leads, references=references)
         return {**scores, **{f"lead_{k}": v for k, v in lead.items()}}
+
+    def example_scores(self, predictions: list[str], references: list[list[str]]) -> list[dict[str, float]] | None:
+        from hf_finetune.metrics.summarization.summarization import example_scores
+
+        return example_scores(predictions, references)
 
 
 def lead_sentence(text: str) -> str:

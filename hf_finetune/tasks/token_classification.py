@@ -24,7 +24,7 @@ from hf_finetune.errors import InputError
 from hf_finetune.inference import batched_rows, gathered_outputs
 from hf_finetune.metrics import load_metric
 from hf_finetune.metrics.entities.entities import spans
-from hf_finetune.tasks.base import TaskBase, positive
+from hf_finetune.tasks.base import TaskBase, example_ids, positive
 
 if TYPE_CHECKING:
     from hf_finetune.recipe import Recipe
@@ -99,7 +99,7 @@ class TokenClassificationTask(TaskBase):
         return list(names) if names else self.cfg.label_names
 
     def prepare(self, raw: DatasetDict) -> None:
-        """Every split becomes columns words/tags (tag names), each row checked: words are non-empty strings, one
+        """Every split becomes columns id/words/tags (tag names), each row checked: words are non-empty strings, one
         tag per word, every evaluation tag known to training."""
         c = self.columns
         order: list[str] | None = None
@@ -122,7 +122,7 @@ class TokenClassificationTask(TaskBase):
                     raise InputError(f"{where}: column {c.tokens!r} holds an empty or non-text word {bad[0]!r}")
                 words_all.append(words)
                 tags_all.append(self._tag_names(tags, names, where))
-            raw[split] = Dataset.from_dict({"words": words_all, "tags": tags_all})
+            raw[split] = Dataset.from_dict({"id": example_ids(ds), "words": words_all, "tags": tags_all})
         if not self.labels:  # restored from a checkpoint otherwise
             seen = {t for tags in raw["train"]["tags"] for t in tags}
             # named tag sets keep their order (the Hub's ClassLabel ids); tags read as names are sorted
@@ -289,7 +289,12 @@ class TokenClassificationTask(TaskBase):
         return tags, scores
 
     def evaluate(
-        self, model: torch.nn.Module, loader: Any, accelerator: Accelerator, split: str = "validation"
+        self,
+        model: torch.nn.Module,
+        loader: Any,
+        accelerator: Accelerator,
+        split: str = "validation",
+        records: list[dict] | None = None,
     ) -> dict[str, float]:
         index, examples = self._eval[split]
         loss_sum, count, outputs = 0.0, 0, []
@@ -309,7 +314,32 @@ class TokenClassificationTask(TaskBase):
         gold = examples["tags"]
         predicted, _ = self._word_tags(outputs, index, [len(t) for t in gold])
         scores = load_metric("entities").compute(predictions=predicted, references=gold)
+        if records is not None:
+            records.extend(self._records(examples, predicted))
         return {"eval_loss": loss_sum / max(count, 1), **scores}
+
+    def _records(self, examples: Dataset, predicted: list[list[str]]) -> list[dict]:
+        """One row per sentence: words, predicted and gold tags, and the counts entity F1 and token accuracy are
+        built from (summed over the split, not averaged: F1 is no mean over sentences)."""
+        rows = []
+        for id_, words, pred, gold in zip(
+            examples["id"], examples["words"], predicted, examples["tags"], strict=True
+        ):
+            p, g = set(spans(pred)), set(spans(gold))
+            rows.append({
+                "id": id_,
+                self.columns.tokens: words,
+                "prediction": pred,
+                "reference": gold,
+                "counts": {
+                    "correct_entities": len(p & g),
+                    "predicted_entities": len(p),
+                    "gold_entities": len(g),
+                    "correct_tokens": sum(a == b for a, b in zip(pred, gold, strict=True)),
+                    "tokens": len(gold),
+                },
+            })  # fmt: skip
+        return rows
 
     def predict(self, model: torch.nn.Module, rows: list[dict]) -> list[dict]:
         """Rows with raw `text` (split into words here, character offsets kept) or pre-split words

@@ -67,6 +67,23 @@ def exact(prediction: str, ground_truth: str) -> float:
     return float(normalize_answer(prediction) == normalize_answer(ground_truth))
 
 
+def example_scores(prediction: str, ref: dict, version_2_with_negative: bool = False) -> tuple[float, float, bool]:
+    """One question's exact match and F1 (0 or 1, and 0..1) against the best of its answers, and whether it has one."""
+    texts = list(ref["answers"]["text"])
+    if version_2_with_negative:
+        # evaluate-v2.0.py: answers that normalise to nothing do not count; none left means "no answer"
+        gold = [t for t in texts if normalize_answer(t)] or [""]
+        return (
+            max(exact(prediction, g) for g in gold),
+            max(f1(prediction, g, no_answer_rule=True) for g in gold),
+            gold != [""],
+        )
+    if not texts:
+        raise ValueError(f"reference {ref['id']!r} has no answer; set version_2_with_negative")
+    # evaluate-v1.1.py: metric_max_over_ground_truths
+    return max(exact(prediction, g) for g in texts), max(f1(prediction, g) for g in texts), True
+
+
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class Squad(evaluate.Metric):
     def _info(self) -> evaluate.MetricInfo:
@@ -97,20 +114,10 @@ class Squad(evaluate.Metric):
             raise ValueError(f"no prediction for {len(missing)} reference id(s), e.g. {missing[0]!r}")
         exact_scores, f1_scores, has_answer = [], [], []
         for ref in references:
-            prediction = predicted[ref["id"]]
-            texts = list(ref["answers"]["text"])
-            if version_2_with_negative:
-                # evaluate-v2.0.py: answers that normalise to nothing do not count; none left means "no answer"
-                gold = [t for t in texts if normalize_answer(t)] or [""]
-                has_answer.append(gold != [""])
-                exact_scores.append(max(exact(prediction, g) for g in gold))
-                f1_scores.append(max(f1(prediction, g, no_answer_rule=True) for g in gold))
-            else:
-                if not texts:
-                    raise ValueError(f"reference {ref['id']!r} has no answer; set version_2_with_negative")
-                # evaluate-v1.1.py: metric_max_over_ground_truths
-                exact_scores.append(max(exact(prediction, g) for g in texts))
-                f1_scores.append(max(f1(prediction, g) for g in texts))
+            em, f, answered = example_scores(predicted[ref["id"]], ref, version_2_with_negative)
+            exact_scores.append(em)
+            f1_scores.append(f)
+            has_answer.append(answered)
         total = len(references)
         result = {
             "exact_match": 100.0 * sum(exact_scores) / total if total else 0.0,

@@ -47,13 +47,18 @@ class Summarization(evaluate.Metric):
         )
 
     def _compute(self, predictions: list[str], references: list[list[str]]) -> dict[str, float]:
-        if any(not refs for refs in references):
-            raise ValueError("every example needs at least one reference")
-        scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
-        totals = dict.fromkeys(ROUGE_TYPES, 0.0)
-        for prediction, refs in zip(predictions, references, strict=True):
-            scores = scorer.score_multi([split_sentences(r) for r in refs], split_sentences(prediction))
-            for key in ROUGE_TYPES:
-                totals[key] += scores[key].fmeasure
-        n = max(len(predictions), 1)
-        return {key: 100 * value / n for key, value in totals.items()}
+        per_example = example_scores(predictions, references)
+        n = max(len(per_example), 1)
+        return {key: sum(s[key] for s in per_example) / n for key in ROUGE_TYPES}
+
+
+def example_scores(predictions: list[str], references: list[list[str]]) -> list[dict[str, float]]:
+    """Each example's ROUGE F-measures x 100 against its best-matching reference; their mean is the corpus figure."""
+    if any(not refs for refs in references):
+        raise ValueError("every example needs at least one reference")
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+    out = []
+    for prediction, refs in zip(predictions, references, strict=True):
+        scores = scorer.score_multi([split_sentences(r) for r in refs], split_sentences(prediction))
+        out.append({key: 100 * scores[key].fmeasure for key in ROUGE_TYPES})
+    return out
