@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,6 +89,10 @@ class LoopState:
     runtime: float = 0.0
     initial: dict[str, dict[str, float]] = field(default_factory=dict)
     window_bad: bool = False
+    best_score: float | None = None
+    """The best `best_metric` of the periodic evaluations so far (early stopping's reference)."""
+    evals_without_improvement: int = 0
+    stopped_early: bool = False
 
 
 def train(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
@@ -182,6 +187,9 @@ def fit(run: Run) -> LoopState:
     """The loop: accumulate, clip, step, schedule, the method's hook, logging, periodic evaluation and checkpoints."""
     t, acc, sched = run.recipe.training, run.accelerator, run.schedule
     state = LoopState(step=run.resumed["step"], micro_batches=run.resumed["micro_batches"])
+    stopping = run.resumed.get("early_stopping") or {}
+    state.best_score = stopping.get("best_score")
+    state.evals_without_improvement = stopping.get("evals_without_improvement", 0)
     # the interrupted run's loss since its last log line, so the next line averages the same micro-batches
     state.running_loss = torch.tensor(run.resumed["running_loss"], device=acc.device)
     state.tokens = torch.zeros((), dtype=torch.long, device=acc.device)
@@ -209,11 +217,13 @@ def fit(run: Run) -> LoopState:
             scores = None
             if t.eval_every and state.step % t.eval_every == 0 and state.step < sched.total_steps:
                 scores = evaluate(run, "validation", state.step) if "validation" in run.eval_loaders else None
-            if t.save_every and state.step % t.save_every == 0:
+                if scores is not None and t.early_stopping_patience:
+                    state.stopped_early = no_improvement(run, state, scores) >= t.early_stopping_patience
+            if t.checkpoint_every and state.step % t.checkpoint_every == 0:
                 save_checkpoint(run, state, scores)
-            if state.step >= sched.total_steps:
+            if state.step >= sched.total_steps or state.stopped_early:
                 break
-        if state.step >= sched.total_steps:
+        if state.step >= sched.total_steps or state.stopped_early:
             break
     state.runtime = time.perf_counter() - start
     progress.close()
@@ -254,6 +264,25 @@ def train_step(run: Run, state: LoopState, batch: dict[str, torch.Tensor]) -> bo
     return acc.sync_gradients
 
 
+def no_improvement(run: Run, state: LoopState, scores: dict[str, float]) -> int:
+    """Count this evaluation for early stopping: returns how many evaluations in a row have not improved on the best
+    by more than `early_stopping_threshold` (a non-finite score never improves)."""
+    t = run.recipe.training
+    value = scores.get(t.best_metric)
+    gain = None
+    if value is not None and math.isfinite(value):
+        gain = math.inf if state.best_score is None else value - state.best_score
+        gain = gain if run.task.higher_is_better(t.best_metric) else -gain
+    if gain is not None and gain > t.early_stopping_threshold:
+        state.best_score, state.evals_without_improvement = value, 0
+    else:
+        state.evals_without_improvement += 1
+    if state.evals_without_improvement >= (t.early_stopping_patience or math.inf):
+        run.log.write({"step": state.step, "early_stopping": f"no improvement of {t.best_metric} in "
+                       f"{state.evals_without_improvement} evaluations; best {state.best_score}"})  # fmt: skip
+    return state.evals_without_improvement
+
+
 def log_loss(run: Run, state: LoopState, epoch: int) -> float:
     """The mean loss since the last log line: one host-device sync per logging interval, not per step."""
     loss = run.accelerator.reduce(state.running_loss, "mean").item() / state.micro_batches
@@ -283,16 +312,21 @@ def save_checkpoint(run: Run, state: LoopState, scores: dict[str, float] | None)
         "micro_batches": state.micro_batches,
         "global_batch": run.schedule.global_batch,
         "score": scores.get(t.best_metric) if scores else None,
+        "early_stopping": {
+            "best_score": state.best_score,
+            "evals_without_improvement": state.evals_without_improvement,
+        },
     }
     higher = run.task.higher_is_better(t.best_metric)
     return checkpoint.save_state(
-        run.accelerator, run.out, loop, t.save_total_limit, higher, run.method, run.unwrapped
+        run.accelerator, run.out, loop, t.checkpoint_keep, higher, run.method, run.unwrapped
     )
 
 
 def finish(run: Run, state: LoopState) -> dict[str, Any]:
     """Final evaluation on validation (and test), the model folder and results.json; then the run's teardown."""
     recipe, acc, out = run.recipe, run.accelerator, run.out
+    final_model = load_best(run, state) if recipe.training.best_at_end else None
     if run.method.on_train_end is not None:
         run.method.on_train_end(run.unwrapped)
     metrics = evaluate(run, "validation", state.step, predictions=True) if "validation" in run.eval_loaders else {}
@@ -325,6 +359,8 @@ def finish(run: Run, state: LoopState) -> dict[str, Any]:
         "global_batch_size": run.schedule.global_batch,
         "precision": acc.mixed_precision,
         **({"best_checkpoint": json.loads(best.read_text())} if best.is_file() else {}),
+        **({"final_model": final_model} if final_model else {}),
+        **({"early_stopping": stopping_summary(run, state)} if recipe.training.early_stopping_patience else {}),
         "versions": versions(),
         "recipe_hash": recipe.run_hash(),
         "recipe": run.resolved,
@@ -351,6 +387,41 @@ def finish(run: Run, state: LoopState) -> dict[str, Any]:
     acc.end_training()
     run.settings.close()
     return results
+
+
+def load_best(run: Run, state: LoopState) -> str:
+    """`training.load_best_at_end`: put the best scored checkpoint's weights into the model when they beat the last
+    step's (an early stop's last evaluation did not; a finished run's last step is scored here). Returns which
+    model the run ends with."""
+    t = run.recipe.training
+    best_file = run.out / "checkpoints" / "best.json"
+    if not best_file.is_file():
+        return "last step (no scored checkpoint)"
+    best = json.loads(best_file.read_text())
+    if not state.stopped_early:
+        last = evaluate(run, "validation", state.step, log=False).get(t.best_metric, math.nan)
+        gain = best["score"] - last if run.task.higher_is_better(t.best_metric) else last - best["score"]
+        if math.isfinite(last) and not gain > 0:
+            return f"last step ({t.best_metric} {last} against the best checkpoint's {best['score']})"
+    checkpoint.load_state(
+        run.accelerator, run.out / "checkpoints" / best["checkpoint"], run.schedule.global_batch, run.method,
+        run.unwrapped,
+    )  # fmt: skip
+    return f"{best['checkpoint']} (best {t.best_metric} {best['score']})"
+
+
+def stopping_summary(run: Run, state: LoopState) -> dict[str, Any]:
+    t = run.recipe.training
+    return {
+        "stopped": state.stopped_early,
+        "step": state.step,
+        "reason": (
+            f"{state.evals_without_improvement} evaluations without improving {t.best_metric} by more than "
+            f"{t.early_stopping_threshold}" if state.stopped_early else "ran to the end"
+        ),
+        "best_score": state.best_score,
+        "patience": t.early_stopping_patience,
+    }
 
 
 def check_replicas_agree(run: Run) -> None:

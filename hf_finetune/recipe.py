@@ -208,6 +208,15 @@ class TrainingConfig:
     """Validation metric that picks the best checkpoint, one of the task's metrics; whether higher or lower is better
     is the task's to say. A checkpoint is scored when an evaluation runs at its step, so make `save_every` a multiple
     of `eval_every`."""
+    early_stopping_patience: int | None = None
+    """Stop after this many evaluations in a row without improving `best_metric` (in the task's direction) by more
+    than `early_stopping_threshold`. Needs `eval_every` and a validation split; results.json says where it stopped."""
+    early_stopping_threshold: float = 0.0
+    """The least change of `best_metric` that counts as an improvement for early stopping."""
+    load_best_at_end: bool | None = None
+    """End with the model of the best scored checkpoint (by `best_metric`) when it beats the last step's; the final
+    evaluation, predictions and `model/` are then that checkpoint's. Default: true with early stopping. Checkpoints
+    are written at every evaluation unless `save_every` (a multiple of `eval_every`) says otherwise."""
     skip_nonfinite_batches: bool = False
     """On a NaN/inf loss skip the batch (its accumulation window makes no update) instead of stopping the run."""
     label_smoothing: float = 0.0
@@ -222,6 +231,21 @@ class TrainingConfig:
     @property
     def eval_batch(self) -> int:
         return self.eval_batch_size or 2 * self.batch_size
+
+    @property
+    def best_at_end(self) -> bool:
+        return self.load_best_at_end if self.load_best_at_end is not None else bool(self.early_stopping_patience)
+
+    @property
+    def checkpoint_every(self) -> int | None:
+        """Steps between checkpoints: `save_every`, else every evaluation when the best model is kept."""
+        return self.save_every or (self.eval_every if self.best_at_end else None)
+
+    @property
+    def checkpoint_keep(self) -> int | None:
+        """Checkpoints kept besides the best: `save_total_limit`; with checkpoints written only for the best model,
+        the newest one."""
+        return self.save_total_limit if self.save_every or self.save_total_limit else 1
 
 
 @dataclass
@@ -517,6 +541,7 @@ def _check_values(recipe: Recipe) -> list[str]:
         "training.save_every": t.save_every,
         "training.eval_batch_size": t.eval_batch_size,
         "training.save_total_limit": t.save_total_limit,
+        "training.early_stopping_patience": t.early_stopping_patience,
         "method.r": recipe.method.r,
         "method.num_virtual_tokens": recipe.method.num_virtual_tokens,
     }
@@ -545,6 +570,18 @@ def _check_values(recipe: Recipe) -> list[str]:
         problems.append(f"'training.label_smoothing': must be in [0, 1), got {t.label_smoothing}")
     elif t.label_smoothing and not task.token_level:
         problems.append(f"'training.label_smoothing': applies to token-level tasks, not {recipe.task}")
+    if t.early_stopping_threshold < 0:
+        problems.append(f"'training.early_stopping_threshold': must be >= 0, got {t.early_stopping_threshold}")
+    for key, on in (("early_stopping_patience", t.early_stopping_patience), ("load_best_at_end", t.best_at_end)):
+        if on and not t.eval_every:
+            problems.append(f"'training.{key}': needs training.eval_every (evaluations to compare)")
+        elif on and recipe.data.validation is None:
+            problems.append(f"'training.{key}': needs a validation split (data.validation) to score")
+    if t.best_at_end and t.eval_every and t.save_every and t.save_every % t.eval_every:
+        problems.append(
+            f"'training.save_every': {t.save_every} is not a multiple of training.eval_every ({t.eval_every}); "
+            "with training.load_best_at_end a checkpoint is only scored where an evaluation runs"
+        )
     if t.best_metric not in task.metrics:
         close = difflib.get_close_matches(t.best_metric, list(task.metrics), n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""

@@ -183,6 +183,14 @@ CASES: dict[str, tuple[Callable[[Ctx], list[str]], list[str], bool]] = {
     "non_utf8_jsonl": (
         lambda c: train(c, f"data.train.path={bytes_file(c, 'bad.jsonl', b'{' + bytes([0xFF]) + b'}')}"), ["bad.jsonl line 1", "not UTF-8"], False,
     ),
+    "early_stopping_without_evaluations": (
+        lambda c: train(c, "training.early_stopping_patience=2"),
+        ["'training.early_stopping_patience'", "training.eval_every"], False,
+    ),
+    "best_at_end_with_unscored_checkpoints": (
+        lambda c: train(c, "training.load_best_at_end=true", "training.eval_every=4", "training.save_every=6"),
+        ["'training.save_every'", "not a multiple of training.eval_every (4)"], False,
+    ),
     "unknown_task": (lambda c: train(c, "task=clasification"), ["'task'", "did you mean 'classification'"], False),
     "unknown_method": (lambda c: train(c, "method.name=lorra"), ["'method.name'", "did you mean 'lora'"], False),
     "unknown_key": (lambda c: train(c, "training.lrr=1e-3"), ["unknown key 'training.lrr'", "did you mean 'training.lr'"], False),
