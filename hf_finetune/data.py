@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -51,6 +52,12 @@ def resolve_path(path: str) -> Path | None:
     return None
 
 
+def say(message: str) -> None:
+    """One line on stderr from the first process of a launch: where each split's data comes from."""
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        print(f"hf-finetune: {message}", file=sys.stderr, flush=True)
+
+
 def load_split(split: SplitConfig, where: str) -> Dataset:
     """Load one split. `where` is its dotted recipe key, used in error messages."""
     local = resolve_path(split.path) if split.path else None
@@ -60,8 +67,11 @@ def load_split(split: SplitConfig, where: str) -> Dataset:
             f"{where}.path: {split.path} not found (looked in the working directory and {roots})"
         )
     if local is not None:
+        say(f"{where}: {local}")
         dataset = _load_local(local, split.split, where)
     else:
+        missing = f" ({split.path} not found locally)" if split.path else ""
+        say(f"{where}: Hub dataset {split.name!r}" + (f" ({split.config})" if split.config else "") + missing)
         try:
             dataset = datasets.load_dataset(
                 split.name, split.config, split=split.split or where.rsplit(".", 1)[-1]

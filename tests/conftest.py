@@ -4,8 +4,13 @@ and a learnable synthetic classification data set."""
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
+
+# before huggingface_hub is imported: it reads these once (a bare `pytest` run is offline too, not only `make test`)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest
 import torch

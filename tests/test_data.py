@@ -120,3 +120,14 @@ def test_single_label_and_empty_label_are_errors(tmp_path: Path) -> None:
         task_for(tmp_path, [{"text": "a", "label": "pos"}] * 3, [{"text": "a", "label": "pos"}])
     with pytest.raises(InputError, match="data.train row 1: label column 'label' is empty"):
         task_for(tmp_path, [{"text": "a", "label": "pos"}, {"text": "b", "label": None}], ROWS[:1])
+
+
+def test_each_split_says_where_its_data_comes_from(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    local = write_csv(tmp_path / "train.csv", [{"text": "a b", "label": "x"}])
+    load_split(SplitConfig(path=str(local)), "data.train")
+    assert f"hf-finetune: data.train: {local}" in capsys.readouterr().err
+    # not here: the Hub dataset of the same name, which this offline test cannot reach
+    with pytest.raises(InputError, match="could not load Hub dataset 'nobody/none'"):
+        load_split(SplitConfig(path=str(tmp_path / "missing.csv"), name="nobody/none"), "data.validation")
+    said = capsys.readouterr().err
+    assert f"data.validation: Hub dataset 'nobody/none' ({tmp_path / 'missing.csv'} not found locally)" in said

@@ -344,7 +344,7 @@ def test_language_modeling_bad_inputs(tiny_gpt2: Path, lm_data: Path, tmp_path: 
         path = tmp_path / "recipe.yaml"
         path.write_text(json.dumps(lm_recipe(tiny_gpt2, lm_data, tmp_path / "out", **extra)))
         assert main(["train", str(path)]) == 2
-        err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("hf-finetune:")]
+        err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("hf-finetune: error")]
         assert len(err) == 1, err
         return err[0]
 
