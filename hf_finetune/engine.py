@@ -20,13 +20,14 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import (
     DistributedType,
+    broadcast_object_list,
     gather_object,
     set_seed,
 )
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from hf_finetune import checkpoint
+from hf_finetune import checkpoint, lock
 from hf_finetune.data import load_splits
 from hf_finetune.device import cpu_process_settings, make_accelerator, padding_for, tune_model_for_cpu
 from hf_finetune.errors import InputError
@@ -123,6 +124,7 @@ def _setup(recipe: Recipe, overwrite: bool, accelerator: Accelerator, settings: 
     task = get_task(recipe)
     raw = load_splits(recipe.data)
     task.prepare(raw)  # every data problem surfaces before weights load
+    check_not_in_use(accelerator, out)
     checkpoint.check_output_dir(out, t.resume, overwrite)
     resume_from = checkpoint.find_resume_checkpoint(out, t.resume)
     if recipe.model.from_scratch is not None:
@@ -174,6 +176,7 @@ def _setup(recipe: Recipe, overwrite: bool, accelerator: Accelerator, settings: 
         unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
         resumed = checkpoint.load_state(accelerator, resume_from, schedule.global_batch, method, unwrapped)
     if accelerator.is_main_process:
+        settings.callback(lock.release, lock.acquire(out))  # released with the run's other settings, however it ends
         checkpoint.prepare_output_dir(out, resumed["step"], replace=overwrite and not t.resume, resolved=resolved)
     accelerator.init_trackers("tensorboard")
     log = checkpoint.MetricsLog(out / "metrics.jsonl", accelerator)
@@ -181,6 +184,20 @@ def _setup(recipe: Recipe, overwrite: bool, accelerator: Accelerator, settings: 
         recipe, accelerator, task, method, cfg, model, tokenizer, model_path, train_loader, eval_loaders,
         optimizer, scheduler, schedule, log, resolved, trainable, total, resumed, settings,
     )  # fmt: skip
+
+
+def check_not_in_use(accelerator: Accelerator, out: Path) -> None:
+    """Exit 2 when a live run holds `out`: the first process looks, and every process gets its verdict."""
+    problem = None
+    if accelerator.is_main_process:
+        try:
+            lock.check_unlocked(out)
+        except InputError as err:
+            problem = str(err)
+    if accelerator.num_processes > 1:
+        problem = broadcast_object_list([problem])[0]
+    if problem:
+        raise InputError(problem)
 
 
 def fit(run: Run) -> LoopState:
