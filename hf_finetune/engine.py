@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from hf_finetune import checkpoint, lock
+from hf_finetune.card import write_model_card
 from hf_finetune.data import load_splits
 from hf_finetune.device import cpu_process_settings, make_accelerator, padding_for, tune_model_for_cpu
 from hf_finetune.errors import InputError
@@ -390,6 +391,7 @@ def finish(run: Run, state: LoopState) -> dict[str, Any]:
     if acc.is_main_process:
         base = run.model_path if recipe.model.from_scratch or recipe.model.encoder_decoder_from else None
         checkpoint.save_final(run.unwrapped, run.tokenizer, run.task, recipe, run.method, out / "model", full_state, base)
+        write_model_card(out / "model", recipe, results)
         checkpoint.write_json_atomic(out / "results.json", results)
     acc.wait_for_everyone()  # tear the process group down together, not while process 0 still writes
     if world > 1:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import platform
 import resource
 from importlib.metadata import PackageNotFoundError, version
@@ -78,7 +79,19 @@ def versions() -> dict[str, str]:
             found[name] = version(name)
         except PackageNotFoundError:
             continue
-    found["device"] = (
-        torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
-    )
+    found["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else cpu_name()
     return found
+
+
+def cpu_name() -> str:
+    """The CPU's model name and the cores this process may use, e.g. "AMD EPYC (2 cores)"."""
+    name = platform.processor() or "cpu"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{name} ({cores} cores)"

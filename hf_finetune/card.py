@@ -1,0 +1,138 @@
+"""`model/README.md`: a Hugging Face model card (YAML metadata, then prose) filled from the finished run, so that a
+model folder moved or pushed on its own still says what it is, how well it did and how to make it again."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hf_finetune.recipe import Recipe
+
+# the Hub's pipeline tag of each task (what its widget and search filter use)
+PIPELINES = {
+    "classification": "text-classification",
+    "token_classification": "token-classification",
+    "question_answering": "question-answering",
+    "translation": "translation",
+    "summarization": "summarization",
+    "causal_lm": "text-generation",
+    "masked_lm": "fill-mask",
+}
+# recipe method settings worth a line in the card, where the method has them
+METHOD_KEYS = ("r", "alpha", "dropout", "target_modules", "num_virtual_tokens", "init_r", "target_r")
+
+
+def _library(folder: Path) -> str:
+    """Which library loads the folder as it is: PEFT for an adapter, transformers for a whole model; our own
+    prefix/prompt modules need hf-finetune."""
+    if (folder / "adapter_config.json").is_file():
+        return "peft"
+    if (folder / "config.json").is_file() and any(folder.glob("model*.safetensors")):
+        return "transformers"
+    return "hf-finetune"
+
+
+def _datasets(recipe: Recipe) -> list[str]:
+    names = {s.name for s in (recipe.data.train, recipe.data.validation, recipe.data.test) if s is not None and s.name}
+    return sorted(names)
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def command_line() -> str | None:
+    """The `hf-finetune ...` command this process runs, when it was started from the command line."""
+    script = Path(sys.argv[0])
+    if script.name != "hf-finetune" and script.parent.name != "hf_finetune":  # the console script, or python -m
+        return None
+    return shlex.join(["hf-finetune", *sys.argv[1:]])
+
+
+def write_model_card(folder: Path, recipe: Recipe, results: dict[str, Any]) -> None:
+    """`folder/README.md`, replacing the stub PEFT's save_pretrained leaves there; written whole or not at all."""
+    from hf_finetune.checkpoint import disk_errors
+
+    target, tmp = folder / "README.md", folder / ".README.md.tmp"
+    with disk_errors(target, tmp):
+        tmp.write_text(model_card(folder, recipe, results, command_line()))
+        os.replace(tmp, target)
+
+
+def model_card(folder: Path, recipe: Recipe, results: dict[str, Any], command: str | None = None) -> str:
+    """The card's text for the model saved in `folder` by the run that produced `results`."""
+    t, method = recipe.training, results["method"]
+    base = None if recipe.model.from_scratch is not None else recipe.model.name_or_path
+    meta: dict[str, Any] = {
+        "library_name": _library(folder),
+        **({"base_model": base} if base else {}),
+        "pipeline_tag": PIPELINES.get(recipe.task, recipe.task),
+        "tags": ["hf-finetune", recipe.task, method],
+        **({"datasets": _datasets(recipe)} if _datasets(recipe) else {}),
+        "metrics": sorted(k for k in results["metrics"] if k != "eval_loss") or ["eval_loss"],
+    }
+    data = recipe.data
+    splits = ", ".join(
+        f"{name}: `{s.path or s.name}`" + (f" (first {s.max_samples} rows)" if s.max_samples else "")
+        for name, s in (("train", data.train), ("validation", data.validation), ("test", data.test))
+        if s is not None
+    )
+    settings = results["recipe"]["method"]
+    hyper = ", ".join(f"{k}={settings[k]}" for k in METHOD_KEYS if settings.get(k) is not None)
+    lines = [
+        "---",
+        yaml.safe_dump(meta, sort_keys=False).strip(),
+        "---",
+        "",
+        f"# {Path(str(recipe.output_dir)).name or 'model'}: {recipe.task}, {method}",
+        "",
+        "Fine-tuned with hf-finetune from "
+        f"`{base or results['model']}` for **{recipe.task}** with **{method}**"
+        + (f" ({hyper})" if hyper else "")
+        + f": {results['trainable_params']:,} of {results['total_params']:,} parameters trained.",
+        "",
+        "## Training",
+        "",
+        f"- data: {splits}",
+        f"- {results['steps']} optimizer steps ({results['epochs']:.2f} epochs), global batch "
+        f"{results['global_batch_size']}, lr {results['recipe']['training']['lr']}, {t.scheduler} schedule, "
+        f"warm-up {results['recipe']['training']['warmup_ratio']}, weight decay {t.weight_decay}, seed {t.seed}",
+        f"- precision {'fp32' if results['precision'] == 'no' else results['precision']}, "
+        f"{results['world_size']} process(es) on "
+        f"{results['versions'].get('device', '?')}; {results['train_runtime_s']:.0f} s of training",
+        "- " + ", ".join(f"{k} {results['versions'][k]}" for k in ("torch", "transformers", "peft", "accelerate")
+                         if k in results["versions"]),  # fmt: skip
+    ]
+    if results.get("final_model"):
+        lines.append(f"- final model: {results['final_model']}")
+    lines += ["", "## Results", "", "| split | " + " | ".join(meta["metrics"]) + " |",
+              "|---|" + "---|" * len(meta["metrics"])]  # fmt: skip
+    for split, key in (("validation", "metrics"), ("test", "test_metrics")):
+        if results.get(key):
+            lines.append(f"| {split} | " + " | ".join(_fmt(results[key].get(m, "-")) for m in meta["metrics"]) + " |")
+    recipe_yaml = yaml.safe_dump({k: v for k, v in recipe.to_dict().items() if k != "compare"}, sort_keys=False)
+    lines += [
+        "",
+        "## Reproduce",
+        "",
+        *([f"```bash\n{command}\n```", ""] if command else []),
+        "The run's recipe (defaults left to hf-finetune, which fills them as above); save it as `recipe.yaml` and "
+        "run `hf-finetune train recipe.yaml`:",
+        "",
+        "```yaml",
+        recipe_yaml.strip(),
+        "```",
+        "",
+        "## Use",
+        "",
+        "```bash",
+        "hf-finetune predict recipe.yaml checkpoint=PATH_TO_THIS_FOLDER --input rows.jsonl --output predictions.jsonl",
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
