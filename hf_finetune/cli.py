@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from hf_finetune.errors import InputError
+from hf_finetune.errors import InputError, Stopped
 
 EPILOG = """examples:
   hf-finetune train recipes/classification/sst2.yaml method.name={default} training.epochs=1 output_dir=runs/sst2
@@ -152,11 +152,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return COMMANDS[args.command](args)
-    except InputError as err:
+    except (InputError, Stopped) as err:
         from tqdm import tqdm
 
         for bar in list(getattr(tqdm, "_instances", ())):
             bar.close()  # so the message gets a line of its own instead of trailing a progress bar
+        if isinstance(err, Stopped):
+            print(f"hf-finetune: {err}", file=sys.stderr)
+            return 128 + err.signum
         print(f"hf-finetune: error: {err}", file=sys.stderr)
         return 2
 

@@ -11,6 +11,9 @@ import contextlib
 import gc
 import json
 import math
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +34,7 @@ from hf_finetune import checkpoint, lock
 from hf_finetune.card import write_model_card
 from hf_finetune.data import load_splits
 from hf_finetune.device import cpu_process_settings, make_accelerator, padding_for, tune_model_for_cpu
-from hf_finetune.errors import InputError
+from hf_finetune.errors import InputError, Stopped
 from hf_finetune.hub import check_model, count_parameters, load_tokenizer, model_key, resolve_model
 from hf_finetune.losses import smoothed_token_loss
 from hf_finetune.methods import Method, TaskInfo, build_optimizer, get_method
@@ -217,6 +220,15 @@ def fit(run: Run) -> LoopState:
     progress = tqdm(total=sched.total_steps, initial=state.step, disable=not acc.is_local_main_process, desc="train")
     run.model.train()
     start = time.perf_counter()
+    with StopSignals() as signals:
+        _loop(run, state, progress, signals)
+    state.runtime = time.perf_counter() - start
+    progress.close()
+    return state
+
+
+def _loop(run: Run, state: LoopState, progress: Any, signals: StopSignals) -> None:
+    t, acc, sched = run.recipe.training, run.accelerator, run.schedule
     for epoch in range(state.step // sched.per_epoch, sched.epochs):
         run.train_loader.set_epoch(epoch)  # accelerate's loader reseeds the sampler from its own epoch counter
         skip = (state.step - epoch * sched.per_epoch) * t.grad_accum  # micro-batches the checkpoint covers
@@ -237,15 +249,63 @@ def fit(run: Run) -> LoopState:
                 scores = evaluate(run, "validation", state.step) if "validation" in run.eval_loaders else None
                 if scores is not None and t.early_stopping_patience:
                     state.stopped_early = no_improvement(run, state, scores) >= t.early_stopping_patience
+            saved = None
             if t.checkpoint_every and state.step % t.checkpoint_every == 0:
-                save_checkpoint(run, state, scores)
+                saved = save_checkpoint(run, state, scores)
             if state.step >= sched.total_steps or state.stopped_early:
                 break
+            signum = signals.agreed(acc)
+            if signum:
+                stop_on_signal(run, state, signum, saved)
         if state.step >= sched.total_steps or state.stopped_early:
             break
-    state.runtime = time.perf_counter() - start
-    progress.close()
-    return state
+
+
+class StopSignals:
+    """SIGTERM (pre-emption, `kill`, a scheduler's time limit) and SIGINT (Ctrl-C) during training ask for a stop at
+    the end of the current optimizer step; a second one aborts at once. Outside the main thread (where Python cannot
+    install handlers) signals keep their default action."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.received = 0
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received:  # the second signal: the default action, now (no checkpoint)
+            signal.signal(signum, self.previous.get(signum, signal.SIG_DFL))
+            signal.raise_signal(signum)
+            return
+        self.received = signum
+        print(f"\nhf-finetune: {signal.Signals(signum).name} received: stopping after this step with a checkpoint "
+              "(send it again to abort at once)", file=sys.stderr, flush=True)  # fmt: skip
+
+    def agreed(self, acc: Accelerator) -> int:
+        """The signal to stop on, the same on every process: each checks at every step, so all stop at the same one."""
+        if acc.num_processes == 1:
+            return self.received
+        return int(acc.reduce(torch.tensor(self.received, device=acc.device), "max").item())
+
+
+def stop_on_signal(run: Run, state: LoopState, signum: int, saved: Path | None) -> None:
+    """Write the checkpoint of this step (unless the periodic one just did) and end the run with `Stopped`."""
+    path = saved or save_checkpoint(run, state, None)
+    name = signal.Signals(signum).name
+    raise Stopped(
+        f"stopped by {name} after step {state.step} of {run.schedule.total_steps}; checkpoint {path}. Continue "
+        "with the same command plus training.resume=true",
+        signum,
+    )
 
 
 def train_step(run: Run, state: LoopState, batch: dict[str, torch.Tensor]) -> bool:

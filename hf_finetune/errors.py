@@ -3,3 +3,12 @@
 
 class InputError(ValueError):
     """Bad recipe, bad data or bad arguments. The message names the file, key or row."""
+
+
+class Stopped(RuntimeError):
+    """Training stopped on a signal after writing a checkpoint; the message says how to resume. The CLI exits with
+    128 + the signal's number, as a shell reports a process ended by it."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum

@@ -125,3 +125,51 @@ def test_shipped_accelerate_configs_parse() -> None:
         "single_gpu": "NO", "multi_gpu": "MULTI_GPU", "fsdp_full_shard": "FSDP", "deepspeed_zero2": "DEEPSPEED",
         "deepspeed_zero3": "DEEPSPEED", "multi_node": "MULTI_GPU",
     }  # fmt: skip
+
+
+# Rank 1 alone gets SIGTERM with its step-4 log line: rank 0 must stop at the same step (or the collectives of the
+# checkpoint would hang). A test wrapper run as the launched script, so the package has no test hook.
+RANK_1_SIGNALLER = """
+import os, signal, sys
+import hf_finetune.checkpoint as checkpoint
+write = checkpoint.MetricsLog.write
+def signalling_write(self, record):
+    write(self, record)
+    if record["step"] == 4 and os.environ["RANK"] == "1":
+        os.kill(os.getpid(), signal.SIGTERM)
+checkpoint.MetricsLog.write = signalling_write
+from hf_finetune.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_signal_to_one_process_stops_every_process_at_the_same_step(
+    no_dropout_bert: Path, tmp_path: Path
+) -> None:
+    write_jsonl(tmp_path / "train.jsonl", sentences(256, seed=1))
+    write_jsonl(tmp_path / "validation.jsonl", sentences(32, seed=2))
+    out = tmp_path / "run"
+    raw = tiny_recipe(no_dropout_bert, tmp_path, out, **{
+        "method.name": "lora", "training.max_steps": 10, "training.logging_every": 1, "training.batch_size": BATCH,
+    })  # fmt: skip
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    script = tmp_path / "signaller.py"
+    script.write_text(RANK_1_SIGNALLER)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--main_process_port", str(free_port()), str(script)]  # fmt: skip
+    proc = subprocess.Popen([*launch, "train", str(recipe)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+    try:
+        output, _ = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("accelerate launch hung after the signal")
+    assert proc.returncode != 0, output[-3000:]
+    stops = [line for line in output.splitlines() if line.startswith("hf-finetune: stopped by SIGTERM")]
+    assert len(stops) == 2 and all("after step 4 of 10" in line for line in stops), output[-3000:]
+    (checkpoint,) = (out / "checkpoints").glob("step_*")
+    assert checkpoint.name == "step_00000004"
+    assert sorted(p.name for p in checkpoint.glob("random_states_*")) == ["random_states_0.pkl", "random_states_1.pkl"]
+    assert not (out / "results.json").exists()

@@ -187,3 +187,65 @@ def test_output_dir_of_another_run_is_refused_unless_overwrite(
     assert (out / "results.json").read_bytes() == before
     assert main(["train", str(recipe), "training.max_steps=3", "--overwrite"]) == 0
     assert json.loads((out / "results.json").read_text())["steps"] == 3
+
+
+# Sends this process SIGNAL (COUNT times in a row) right after the metrics line of step >= SIGNAL_AT: a pre-emption
+# notice or Ctrl-C arriving mid-run. A test wrapper, so the package has no test hook.
+SIGNALLER = """
+import os, signal, sys
+import hf_finetune.checkpoint as checkpoint
+write = checkpoint.MetricsLog.write
+sent = []
+def signalling_write(self, record):
+    write(self, record)
+    if record["step"] >= int(os.environ["SIGNAL_AT"]) and not sent:
+        sent.append(1)
+        for _ in range(int(os.environ["COUNT"])):
+            os.kill(os.getpid(), int(os.environ["SIGNAL"]))
+checkpoint.MetricsLog.write = signalling_write
+from hf_finetune.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def signalled_run(recipe: Path, out: Path, signum: int, count: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SIGNAL_AT": "8", "SIGNAL": str(int(signum)), "COUNT": str(count),
+           "OMP_NUM_THREADS": "1"}  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-c", SIGNALLER, "train", str(recipe), f"output_dir={out}"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_with_a_checkpoint_and_resume_equals_the_unbroken_run(
+    signum: int, tiny_bert: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    # log lines every 3 steps, checkpoints every 5: the signal comes with the step-9 line, between checkpoints
+    raw = tiny_recipe(tiny_bert, data_dir, tmp_path / "unused", **{
+        "method.name": "lora", "training.lr": 1e-3, "training.epochs": 2, "training.save_every": 5,
+        "training.logging_every": 3,
+    })  # fmt: skip
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert main(["train", str(recipe), f"output_dir={straight}"]) == 0
+
+    done = signalled_run(recipe, stopped, signum, count=1)
+    assert done.returncode == 128 + signum, done.stderr[-3000:]
+    message = [x for x in done.stderr.splitlines() if x.startswith("hf-finetune: stopped by")]
+    assert len(message) == 1 and "after step 9 of 32" in message[0] and "training.resume=true" in message[0]
+    assert sorted(p.name for p in (stopped / "checkpoints").glob("step_*")) == ["step_00000005", "step_00000009"]
+    assert not (stopped / "results.json").exists() and not (stopped / ".hf_finetune.lock").exists()
+    assert main(["train", str(recipe), f"output_dir={stopped}", "training.resume=true"]) == 0
+    assert_same_run(straight, stopped)
+
+
+def test_a_second_signal_aborts_at_once(tiny_bert: Path, data_dir: Path, tmp_path: Path) -> None:
+    raw = tiny_recipe(tiny_bert, data_dir, tmp_path / "unused", **{"training.save_every": 5,
+                                                                    "training.logging_every": 3})  # fmt: skip
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    done = signalled_run(recipe, tmp_path / "run", signal.SIGTERM, count=2)
+    assert done.returncode == -signal.SIGTERM, done.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*")) == ["step_00000005"]
