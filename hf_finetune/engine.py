@@ -125,6 +125,12 @@ def setup(recipe: Recipe, overwrite: bool = False) -> Run:
 def _setup(recipe: Recipe, overwrite: bool, accelerator: Accelerator, settings: contextlib.ExitStack) -> Run:
     t, out, world = recipe.training, Path(recipe.output_dir), accelerator.num_processes
     set_seed(t.seed)
+    method = get_method(recipe.method.name)
+    if t.gradient_checkpointing and method.no_gradient_checkpointing:
+        raise InputError(
+            f"training.gradient_checkpointing: method {method.name} cannot use it ({method.no_gradient_checkpointing});"
+            " turn one of them off"
+        )
     task = get_task(recipe)
     raw = load_splits(recipe.data)
     task.prepare(raw)  # every data problem surfaces before weights load
@@ -136,7 +142,6 @@ def _setup(recipe: Recipe, overwrite: bool, accelerator: Accelerator, settings: 
     else:
         source = recipe.model.encoder_decoder_from or recipe.model.name_or_path
         model_path = resolve_model(source, recipe.model.revision, model_key(recipe))
-    method = get_method(recipe.method.name)
     padding = padding_for(accelerator.device.type, accelerator.mixed_precision, t.cpu_tuning)
     check_model(model_path, recipe, task, method, padding)
     tokenizer = load_tokenizer(model_path, recipe)
@@ -154,6 +159,8 @@ def _setup(recipe: Recipe, overwrite: bool, accelerator: Accelerator, settings: 
     model = task.load_model(model_path)
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    if t.gradient_checkpointing:
+        enable_gradient_checkpointing(model, method.name)
     model = method.apply(model, cfg, TaskInfo(task.peft_task_type, task.head_modules, schedule.total_steps))
     if accelerator.device.type == "cpu" and t.cpu_tuning == "auto":
         tune_model_for_cpu(model, accelerator.mixed_precision, compiling=t.compile)
@@ -188,6 +195,17 @@ def _setup(recipe: Recipe, overwrite: bool, accelerator: Accelerator, settings: 
         recipe, accelerator, task, method, cfg, model, tokenizer, model_path, train_loader, eval_loaders,
         optimizer, scheduler, schedule, log, resolved, trainable, total, resumed, settings,
     )  # fmt: skip
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module, method: str) -> None:
+    """transformers' own checkpointing of every layer, before the method wraps the model. Non-reentrant
+    (`use_reentrant=False`, what torch recommends): it needs no input that requires grad, so frozen embeddings under
+    LoRA/IA3/prompt tuning need no `enable_input_require_grads` hook, and it replays dropout's RNG exactly."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise InputError(
+            f"training.gradient_checkpointing: {type(model).__name__} does not support gradient checkpointing"
+        )
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def check_not_in_use(accelerator: Accelerator, out: Path) -> None:

@@ -194,6 +194,9 @@ class TrainingConfig:
     """Compile the model with `torch.compile` (inductor; accelerate's regional compilation, one graph per repeated
     block). Opt-in: it pays on GPUs over long runs; on a 2-core CPU compiling costs more than a short run gains
     (docs/benchmarks.md). Bucketed batch widths (multiples of 8 on GPUs) keep recompiles few."""
+    gradient_checkpointing: bool = False
+    """Recompute each layer's activations in the backward pass instead of keeping them: less memory for longer
+    sequences or bigger batches, at about a third more compute per step (docs/benchmarks.md)."""
     group_by_length: bool = True
     """Batch examples of similar length together (less padding, same randomness per epoch)."""
     eval_every: int | None = None

@@ -60,6 +60,8 @@ class Method:
     """The method puts learned tokens in front of the input at run time (prompt learning): nothing to merge."""
     saves_whole_model: bool = False
     """The final model folder is a whole model, not an adapter over a base model."""
+    no_gradient_checkpointing: str | None = None
+    """Why the method cannot train with `training.gradient_checkpointing` (None: it can)."""
     in_default_comparison: bool = False
     """Part of `hf-finetune compare` when the recipe names no methods."""
     on_step_end: Any = None

@@ -334,6 +334,11 @@ class PrefixTuning(VirtualTokenMethod):
     }
     wrapper = PrefixTuningModel
     in_default_comparison = True
+    # transformers hands checkpointed layers no key/value cache ("incompatible with gradient checkpointing"), and a
+    # recomputed layer runs in the backward pass, outside the forward that set the prefix: either way it is lost
+    no_gradient_checkpointing = (
+        "the prefix lives in each layer's key/value cache, which transformers does not pass to checkpointed layers"
+    )
 
     def peft_config(self, cfg: MethodConfig, task: TaskInfo, heads: list[str]) -> PrefixTuningConfig:
         return PrefixTuningConfig(
