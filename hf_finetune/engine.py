@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -251,9 +252,8 @@ def _loop(run: Run, state: LoopState, progress: Any, signals: StopSignals) -> No
         run.train_loader.set_epoch(epoch)  # accelerate's loader reseeds the sampler from its own epoch counter
         skip = (state.step - epoch * sched.per_epoch) * t.grad_accum  # micro-batches the checkpoint covers
         loader = acc.skip_first_batches(run.train_loader, skip) if skip else run.train_loader
-        for batch in loader:
-            if not train_step(run, state, batch):
-                continue  # mid accumulation window
+        for window in windows(loader, t.grad_accum):
+            train_window(run, state, window)
             state.step += 1
             progress.update(1)
             if state.window_bad:
@@ -326,38 +326,90 @@ def stop_on_signal(run: Run, state: LoopState, signum: int, saved: Path | None) 
     )
 
 
-def train_step(run: Run, state: LoopState, batch: dict[str, torch.Tensor]) -> bool:
-    """One micro-batch forward and backward; at the end of an accumulation window the optimizer step (unless the
-    window held a non-finite loss) and the method's hook. Returns whether an optimizer step ended here."""
+def windows(loader: Any, size: int) -> Iterator[list[dict[str, torch.Tensor]]]:
+    """The loader's micro-batches in accumulation windows of `size` (the epoch's last one may be shorter)."""
+    window = []
+    for batch in loader:
+        window.append(batch)
+        if len(window) == size:
+            yield window
+            window = []
+    if window:
+        yield window
+
+
+def train_window(run: Run, state: LoopState, window: list[dict[str, torch.Tensor]]) -> None:
+    """One optimizer step: forward and backward of each micro-batch of the window (gradients synchronised across
+    processes on the last only), then clipping, the step (unless the window held a non-finite loss) and the method's
+    hook. The window is read whole first, as transformers' Trainer does, so that a token-level loss can be divided by
+    the tokens of the whole window (`token_normaliser`)."""
     t, acc = run.recipe.training, run.accelerator
-    with acc.accumulate(run.model):
-        with acc.autocast():
-            outputs = run.model(**batch)
-        if t.label_smoothing:
-            loss = smoothed_token_loss(outputs.logits, batch["labels"], run.task.shift_labels, t.label_smoothing)
-        else:
-            loss = outputs.loss
-        # the same verdict on every process, so all of them take the same branch
-        bad = acc.reduce((~torch.isfinite(loss.detach())).float(), "sum").item() > 0
-        if bad and not t.skip_nonfinite_batches:
-            raise InputError(nonfinite_message(state.step + 1, loss, run.out))
-        state.window_bad |= bad
-        if not state.window_bad:
-            acc.backward(loss)
-        if acc.sync_gradients and not state.window_bad:
+    scale = token_normaliser(run, window)
+    for i, batch in enumerate(window):
+        sync = i == len(window) - 1
+        # the window's end is known here, not counted: accelerate's optimizer and scheduler wrappers read this flag
+        acc.gradient_state._set_sync_gradients(sync)
+        with contextlib.nullcontext() if sync else acc.no_sync(run.model):
+            loss, logged = micro_batch_loss(run, batch, scale)
+            # the same verdict on every process, so all of them take the same branch
+            bad = acc.reduce((~torch.isfinite(loss.detach())).float(), "sum").item() > 0
+            if bad and not t.skip_nonfinite_batches:
+                raise InputError(nonfinite_message(state.step + 1, loss, run.out))
+            state.window_bad |= bad
+            if not state.window_bad:
+                acc.backward(loss)
+        if sync and not state.window_bad:
             if t.max_grad_norm:
                 acc.clip_grad_norm_(run.model.parameters(), t.max_grad_norm)
             run.optimizer.step()
         run.scheduler.step()
-        if acc.sync_gradients and run.method.on_step_end is not None and not state.window_bad:
+        if sync and run.method.on_step_end is not None and not state.window_bad:
             run.method.on_step_end(run.unwrapped, state.step + 1)
         run.optimizer.zero_grad()  # a skipped window's partial gradients go too
-    if not bad:
-        state.running_loss += loss.detach()
-        state.micro_batches += 1
-    state.samples += batch["input_ids"].shape[0]
-    state.tokens += batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel()
-    return acc.sync_gradients
+        if not bad:
+            state.running_loss += logged
+            state.micro_batches += 1
+        state.samples += batch["input_ids"].shape[0]
+        state.tokens += batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel()
+
+
+def token_normaliser(run: Run, window: list[dict[str, torch.Tensor]]) -> torch.Tensor | None:
+    """For a token-level task accumulating over micro-batches or processes: grad_accum x processes / the scored
+    tokens of the whole window on every process, the factor that turns a micro-batch's summed token loss into its
+    share of the window's token mean once accelerate has divided by grad_accum and DDP averaged over processes.
+    A mean of per-micro-batch means would weight a token of a short batch above one of a long batch. None where the
+    model's own mean is already the window's (one micro-batch, one process) or the loss is per example."""
+    acc = run.accelerator
+    if not run.task.token_level or acc.gradient_accumulation_steps * acc.num_processes == 1:
+        return None
+    shift = 1 if run.task.shift_labels else 0
+    scored = sum((b["labels"][:, shift:] != -100).sum() for b in window)
+    total = acc.reduce(torch.as_tensor(scored, device=acc.device), "sum")
+    return acc.gradient_accumulation_steps * acc.num_processes / total.clamp(min=1).float()
+
+
+def micro_batch_loss(
+    run: Run, batch: dict[str, torch.Tensor], scale: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss to back-propagate for one micro-batch, and its detached value for the log (the window's token mean
+    over the micro-batches, when `scale` applies)."""
+    t = run.recipe.training
+    with run.accelerator.autocast():
+        outputs = run.model(**batch)
+    if scale is None:
+        if t.label_smoothing:
+            loss = smoothed_token_loss(outputs.logits, batch["labels"], run.task.shift_labels, t.label_smoothing)
+        else:
+            loss = outputs.loss
+        return loss, loss.detach()
+    summed, count = smoothed_token_loss(
+        outputs.logits, batch["labels"], run.task.shift_labels, t.label_smoothing, reduction="sum"
+    )
+    loss = summed * scale
+    if run.method.adds_loss_term:
+        # the term a method adds to the model's loss (AdaLoRA's orthogonality penalty), kept per micro-batch
+        loss = loss + (outputs.loss - summed / count.clamp(min=1))
+    return loss, (summed * scale).detach().float()
 
 
 def no_improvement(run: Run, state: LoopState, scores: dict[str, float]) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -30,11 +32,14 @@ def token_losses(
 
 
 def smoothed_token_loss(
-    logits: torch.Tensor, labels: torch.Tensor, shift: bool, label_smoothing: float
-) -> torch.Tensor:
-    """Mean token cross-entropy with label smoothing (transformers' models compute theirs without it). It replaces the
-    model's loss, so a regulariser a method adds to that loss (AdaLoRA's orthogonality term) is left out."""
+    logits: torch.Tensor, labels: torch.Tensor, shift: bool, label_smoothing: float, reduction: str = "mean"
+) -> Any:
+    """Token cross-entropy with label smoothing (transformers' models compute theirs without it): the mean, or with
+    `reduction="sum"` the sum and the scored-token count. It replaces the model's loss, so a regulariser a method adds
+    to that loss (AdaLoRA's orthogonality term) is left out."""
     logits, labels = align_logits(logits, labels, shift)
-    return F.cross_entropy(
-        logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, label_smoothing=label_smoothing
+    flat = labels.flatten()
+    loss = F.cross_entropy(
+        logits.float().flatten(0, 1), flat, ignore_index=-100, label_smoothing=label_smoothing, reduction=reduction
     )
+    return (loss, (flat != -100).sum()) if reduction == "sum" else loss

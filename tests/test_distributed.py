@@ -173,3 +173,33 @@ def test_a_signal_to_one_process_stops_every_process_at_the_same_step(
     assert checkpoint.name == "step_00000004"
     assert sorted(p.name for p in checkpoint.glob("random_states_*")) == ["random_states_0.pkl", "random_states_1.pkl"]
     assert not (out / "results.json").exists()
+
+
+def test_two_processes_weight_every_token_of_a_seq2seq_batch_alike(tmp_path: Path) -> None:
+    """Each process's batch holds another number of target tokens: the loss is divided by the tokens of both."""
+    from test_accumulation import uneven_pairs
+    from test_seq2seq import DIMS, corpus, mt_recipe
+
+    from hf_finetune.scratch import write_scratch_model
+
+    model = write_scratch_model(tmp_path / "t5", "t5", corpus(), DIMS)
+    write_jsonl(tmp_path / "train.jsonl", uneven_pairs(160, 1))
+    write_jsonl(tmp_path / "validation.jsonl", uneven_pairs(8, 2))
+    raw = mt_recipe(model, tmp_path, tmp_path / "unused", **{
+        "method.name": "full", "training.lr": 3e-3, "data.columns.references": None, "training.max_steps": 4,
+        "training.logging_every": 1, "training.warmup_ratio": 0.0, "training.group_by_length": False,
+    })  # fmt: skip
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(["train", str(recipe), f"output_dir={one}", f"training.batch_size={2 * BATCH}"]) == 0
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--main_process_port", str(free_port()), "-m", "hf_finetune"]  # fmt: skip
+    done = subprocess.run([*launch, "train", str(recipe), f"output_dir={two}", f"training.batch_size={BATCH}"],
+                          env=env, capture_output=True, text=True, timeout=240)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    losses1, losses2 = ([r["loss"] for r in log(d) if "loss" in r] for d in (one, two))
+    assert losses2 == pytest.approx(losses1, rel=1e-4)
+    r1, r2 = (json.loads((d / "results.json").read_text())["metrics"] for d in (one, two))
+    assert r2["eval_loss"] == pytest.approx(r1["eval_loss"], rel=1e-4)

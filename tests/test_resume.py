@@ -115,8 +115,8 @@ def test_save_total_limit_keeps_last_and_best(
     # accuracy as seen at steps 2, 4, ..., 10 and at the end: it peaks at step 4, whose checkpoint must outlive rotation
     fake = iter([0.5, 0.9, 0.6, 0.7, 0.8, 0.55])
 
-    def evaluate(self, model, loader, accelerator, split="validation"):
-        return {**real_evaluate(self, model, loader, accelerator, split), "accuracy": next(fake)}
+    def evaluate(self, model, loader, accelerator, split="validation", records=None):
+        return {**real_evaluate(self, model, loader, accelerator, split, records), "accuracy": next(fake)}
 
     monkeypatch.setattr(ClassificationTask, "evaluate", evaluate)
     results = engine.train(recipe_from_dict(raw))

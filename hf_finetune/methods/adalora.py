@@ -30,6 +30,7 @@ STATS = ("ipt", "exp_avg_ipt", "exp_avg_unc")
 
 class AdaLoRA(Method):
     name = "adalora"
+    adds_loss_term = True  # PEFT's AdaLoraModel adds orth_reg_weight x its orthogonality penalty to the loss
     # Zhang et al. 2023, Table 10 for GLUE: init_r 12 pruned to an average of 8, beta1 = beta2 = 0.85, orth_reg_weight
     # 0.1; tinit/tfinal/deltaT given there in steps for long runs, here as fractions of this run's steps. Measured on
     # SST-2/MiniLM, batch 16: 4,000 examples, seeds 42/1/2, lr 2e-3 0.810/0.804/0.810, 5e-3 0.814/0.807/0.798; 16,000

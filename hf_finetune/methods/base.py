@@ -60,6 +60,8 @@ class Method:
     """The method puts learned tokens in front of the input at run time (prompt learning): nothing to merge."""
     saves_whole_model: bool = False
     """The final model folder is a whole model, not an adapter over a base model."""
+    adds_loss_term: bool = False
+    """The wrapped model adds a term of its own to the task loss (AdaLoRA's orthogonality penalty)."""
     no_gradient_checkpointing: str | None = None
     """Why the method cannot train with `training.gradient_checkpointing` (None: it can)."""
     in_default_comparison: bool = False

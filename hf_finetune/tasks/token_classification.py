@@ -63,6 +63,7 @@ class TokenClassificationTask(TaskBase):
     primary_metric = "f1"
     peft_task_type = "TOKEN_CLS"
     default_max_length = 128
+    token_level = True  # the loss is a mean over tagged sub-words: accumulation divides by the window's count
     head_modules = ("classifier", "score")
 
     def __init__(self, recipe: Recipe) -> None:
