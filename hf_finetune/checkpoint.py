@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from hf_finetune.device import Padding
-from hf_finetune.errors import InputError
+from hf_finetune.errors import DiskFull, InputError
 from hf_finetune.hub import resolve_model
 from hf_finetune.methods import Method, get_method
 from hf_finetune.recipe import Recipe, recipe_from_dict
@@ -44,8 +44,14 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
         if self.accelerator.is_main_process:
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with self.path.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as err:
+                if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                # a line cut short is dropped when the run resumes (trim_metrics)
+                raise DiskFull(f"{self.path}: no space left on device while logging step {record['step']}") from err
 
 
 def prepare_output_dir(out: Path, step: int, replace: bool, resolved: dict[str, Any]) -> None:
@@ -97,17 +103,28 @@ def write_jsonl_atomic(path: Path, rows: list[dict[str, Any]]) -> None:
         os.replace(tmp, path)
 
 
+# how torch's PytorchStreamWriter words a write that the file system refused
+TORCH_WRITE_FAILURES = ("iostream error", "unexpected pos", "file write failed", "PytorchStreamWriter failed")
+
+
 @contextmanager
 def disk_errors(target: Path, tmp: Path) -> Iterator[None]:
     """A full disk is the user's to fix: remove the partial `tmp` and say so in one line; `target` is untouched."""
     try:
         yield
-    except OSError as err:
-        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+    except (OSError, RuntimeError) as err:
+        if isinstance(err, OSError) and err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # torch.save (accelerate's optimizer and RNG files) reports a failed write as a RuntimeError of its
+        # stream writer, without errno
+        if isinstance(err, RuntimeError) and not any(s in str(err) for s in TORCH_WRITE_FAILURES):
             raise
         shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
-        raise InputError(
-            f"{target}: no space left on device while saving ({err.strerror}); what was saved before is intact"
+        free = shutil.disk_usage(target.parent).free / 2**20
+        reason = err.strerror if isinstance(err, OSError) else str(err).splitlines()[0]
+        raise DiskFull(
+            f"{target}: no space left on device while saving ({reason}; {free:.1f} MB free on "
+            f"{target.parent}); the partial copy was removed and what was saved before is intact"
         ) from err
 
 

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from hf_finetune.errors import InputError, Stopped
+from hf_finetune.errors import DiskFull, InputError, Stopped
 
 EPILOG = """examples:
   hf-finetune train recipes/classification/sst2.yaml method.name={default} training.epochs=1 output_dir=runs/sst2
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return COMMANDS[args.command](args)
-    except (InputError, Stopped) as err:
+    except (InputError, Stopped, DiskFull) as err:
         from tqdm import tqdm
 
         for bar in list(getattr(tqdm, "_instances", ())):
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"hf-finetune: {err}", file=sys.stderr)
             return 128 + err.signum
         print(f"hf-finetune: error: {err}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(err, DiskFull) else 2
 
 
 def _split_checkpoint(overrides: list[str]) -> tuple[str, list[str]]:

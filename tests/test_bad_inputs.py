@@ -257,12 +257,13 @@ CASES: dict[str, tuple[Callable[[Ctx], list[str]], list[str], bool]] = {
 }  # fmt: skip
 
 
-def expect_exit_2(argv: list[str], capsys: pytest.CaptureFixture, expected: list[str]) -> str:
+def expect_exit_2(argv: list[str], capsys: pytest.CaptureFixture, expected: list[str], status: int = 2) -> str:
+    """`main(argv)` exits with `status` (2: bad input) and one error line holding every part of `expected`."""
     capsys.readouterr()
     code = main(argv)
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("hf-finetune: error:")]
-    assert code == 2, err[-2000:]
+    assert code == status, err[-2000:]
     assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
     for part in expected:
         assert part in lines[0], lines[0]
@@ -300,7 +301,8 @@ def test_disk_full_while_saving_keeps_previous_work(
         line = expect_exit_2(
             train(ctx, "training.resume=true", "training.max_steps=4", "training.save_every=2"),
             capsys,
-            ["step_00000004", "no space left on device"],
+            ["step_00000004", "no space left on device", "MB free"],
+            status=1,
         )
     assert "intact" in line
     assert {name: snapshot(ctx.out / name) for name in kept} == kept
@@ -316,7 +318,7 @@ def test_disk_full_while_saving_keeps_previous_work(
     with monkeypatch.context() as m:
         m.setattr(PreTrainedModel, "save_pretrained", full_disk_save_pretrained)
         expect_exit_2(
-            train(ctx, "training.resume=true", "training.max_steps=3"), capsys, ["model", "no space left"]
+            train(ctx, "training.resume=true", "training.max_steps=3"), capsys, ["model", "no space left"], status=1
         )
     assert snapshot(ctx.out / "model") == kept["model"]
     assert snapshot(ctx.out / "results.json") == kept["results.json"]
@@ -329,3 +331,37 @@ def test_disk_full_while_saving_keeps_previous_work(
         ["training.resume", "global batch 16", "this run has 8"],
     )
     assert snapshot(ctx.out / "checkpoints") == kept["checkpoints"]
+
+
+def test_a_really_full_disk_keeps_the_last_checkpoint(
+    ctx: Ctx, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """On a tmpfs too small for a third checkpoint: exit 1 naming the checkpoint and the free space, the partial
+    folder gone, the previous checkpoints whole (a copy of the folder resumes from them elsewhere)."""
+    import subprocess
+
+    probe = subprocess.run(["du", "-sk", "--apparent-size", str(ctx.model)], capture_output=True, text=True)
+    mount = tmp_path / "small"
+    mount.mkdir()
+    # room for the log, recipe and two checkpoints of the tiny model (weights + AdamW moments ~ 4x the weights)
+    size_kb = 12 * int(probe.stdout.split()[0]) + 512
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(mount)],
+                          capture_output=True, text=True)  # fmt: skip
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip() or done.returncode}")
+    try:
+        out = mount / "run"
+        line = expect_exit_2(
+            train(ctx, f"output_dir={out}", "training.save_every=2", "training.max_steps=40"),
+            capsys, ["no space left on device", "MB free", str(out / "checkpoints")], status=1,
+        )  # fmt: skip
+        steps = sorted(p.name for p in (out / "checkpoints").iterdir())
+        assert steps and all(not name.startswith(".") for name in steps), steps  # the partial one removed
+        assert f"step_{int(steps[-1][5:]) + 2:08d}" in line
+        assert not (out / "results.json").exists()
+        copy = tmp_path / "copy"
+        shutil.copytree(out, copy)
+    finally:
+        subprocess.run(["umount", "--lazy", str(mount)], check=False)  # lazy: a writer left open must not pin it
+    assert main(train(ctx, f"output_dir={copy}", "training.save_every=2", "training.max_steps=40",
+                      "training.resume=true")) == 0  # fmt: skip
