@@ -244,6 +244,18 @@ def rotate_checkpoints(out: Path, keep: int | None, higher_is_better: bool) -> P
     return best
 
 
+def name_base_model(folder: Path, base: str) -> None:
+    """An adapter's config names its base model as the recipe gave it (a Hub id, or the user's own path), not the
+    resolved local folder (the embedded MiniLM lives inside this machine's virtual environment): PEFT's
+    `AutoPeftModel*` loaders read it to fetch the base model on any machine."""
+    for name in ("adapter_config.json", "prefix_config.json", "prompt_config.json"):
+        path = folder / name
+        if path.is_file():
+            config = json.loads(path.read_text())
+            config["base_model_name_or_path"] = base
+            path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def save_final(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -262,6 +274,7 @@ def save_final(
     shutil.rmtree(tmp, ignore_errors=True)
     with disk_errors(target, tmp):
         method.save(model, tmp, state_dict)
+        name_base_model(tmp, base_model or recipe.model.name_or_path)
         tokenizer.save_pretrained(tmp)
         info = {
             "task": recipe.task,
