@@ -109,7 +109,6 @@ def make_accelerator(t: TrainingConfig, out: Path) -> Accelerator:
     accelerator = Accelerator(
         gradient_accumulation_steps=t.grad_accum,
         mixed_precision=choose_precision(t.precision),
-        log_with="tensorboard",
         project_dir=str(out),
         # The loader yields global batches that accelerate splits evenly across processes, so N processes with batch
         # b see exactly the batches of one process with batch N*b: same data order, same loss curve, same schedule

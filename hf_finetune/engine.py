@@ -44,6 +44,7 @@ from hf_finetune.sampling import Schedule, build_loaders, make_schedule
 from hf_finetune.scratch import build_from_scratch
 from hf_finetune.system import peak_memory_mb, versions
 from hf_finetune.tasks import Task, get_task
+from hf_finetune.trackers import PROJECT, flat_config, make_trackers
 
 
 @dataclass
@@ -190,7 +191,8 @@ def _setup(recipe: Recipe, overwrite: bool, accelerator: Accelerator, settings: 
     if accelerator.is_main_process:
         settings.callback(lock.release, lock.acquire(out))  # released with the run's other settings, however it ends
         checkpoint.prepare_output_dir(out, resumed["step"], replace=overwrite and not t.resume, resolved=resolved)
-    accelerator.init_trackers("tensorboard")
+    accelerator.log_with = make_trackers(t.report_to, out)  # accelerate's tracker objects, started by init_trackers
+    accelerator.init_trackers(PROJECT, config=flat_config(resolved))
     log = checkpoint.MetricsLog(out / "metrics.jsonl", accelerator)
     return Run(
         recipe, accelerator, task, method, cfg, model, tokenizer, model_path, train_loader, eval_loaders,

@@ -21,6 +21,7 @@ import yaml
 from hf_finetune.errors import InputError
 from hf_finetune.methods.registry import DEFAULT_METHOD, METHOD_NAMES
 from hf_finetune.tasks import DEFAULT_TASK, TASK_NAMES, TASKS
+from hf_finetune.trackers import check_trackers
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Scheduler = Literal[
@@ -205,6 +206,9 @@ class TrainingConfig:
     """Write an `accelerate` checkpoint every N optimizer steps (null: none until the final model)."""
     logging_every: int = 10
     """Log loss and learning rate every N optimizer steps."""
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Experiment trackers, through accelerate's: tensorboard, wandb, mlflow, comet_ml, aim, clearml (or none). Each
+    gets the resolved recipe as its config and every logged value."""
     save_total_limit: int | None = None
     """Keep only the newest N checkpoints, plus the best one by `best_metric` (null: keep all)."""
     best_metric: str = "eval_loss"
@@ -592,6 +596,7 @@ def _check_values(recipe: Recipe) -> list[str]:
             f"'training.best_metric': {t.best_metric!r} is not a {recipe.task} metric "
             f"({', '.join(task.metrics)}){hint}"
         )
+    problems += check_trackers(t.report_to)
     problems += task.check_recipe(recipe)
     if recipe.data.train is None:
         problems.append("'data.train': a training split is required")
