@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--temperature", type=float, default=0.0, help="0: greedy (or beam) search; >0: sampling")
     generate.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
     generate.add_argument("--num-beams", type=int, default=1)
+    generate.add_argument("--precision", choices=("fp32", "bf16", "fp16", "auto"), default="fp32",
+                          help="autocast dtype, as training.precision (on a GPU when there is one)")  # fmt: skip
     generate.add_argument("--seed", type=int, default=0, help="sampling seed: the same seed gives the same text")
     generate.add_argument("--batch-size", type=int, default=16)
 
@@ -193,12 +195,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from hf_finetune.checkpoint import load_final
+    from hf_finetune.inference import inference_setup
     from hf_finetune.recipe import load_recipe
 
     checkpoint, overrides = _split_checkpoint(args.overrides)
     rows = read_jsonl(Path(args.input))
-    task, model, _, _ = load_final(checkpoint, load_recipe(args.recipe, overrides))
-    predictions = task.predict(model, rows)
+    recipe = load_recipe(args.recipe, overrides)
+    task, model, _, _ = load_final(checkpoint, recipe)
+    model, autocast = inference_setup(model, recipe.training.precision)
+    with autocast():
+        predictions = task.predict(model, rows)
     out = Path(args.output)
     tmp = out.with_name(f".{out.name}.tmp")
     with tmp.open("w") as f:
@@ -254,6 +260,7 @@ def cmd_average(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from hf_finetune.inference import inference_setup
     from hf_finetune.tasks.language_modeling import generate, load_generator
 
     if args.input and not args.output:
@@ -263,11 +270,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if not isinstance(row.get("prompt"), str):
             raise InputError(f"{args.input} row {i + 1}: no 'prompt' text field")
     model, tokenizer = load_generator(args.checkpoint)
-    texts = generate(
-        model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature, top_p=args.top_p, num_beams=args.num_beams, seed=args.seed,
-        batch_size=args.batch_size,
-    )  # fmt: skip
+    model, autocast = inference_setup(model, args.precision)
+    with autocast():
+        texts = generate(
+            model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature, top_p=args.top_p, num_beams=args.num_beams, seed=args.seed,
+            batch_size=args.batch_size,
+        )  # fmt: skip
     if not args.input:
         print(args.prompt + texts[0])
         return 0

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from tqdm.auto import tqdm
 
 Forward = Callable[[torch.nn.Module, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
@@ -52,8 +53,21 @@ def batched_rows(
         order.sort(key=lambda i: len(features[i]["input_ids"]))
     device = next(model.parameters()).device
     model.eval()
-    with torch.no_grad():
+    # a bar on long inputs only, and only on a terminal (tqdm's disable=None)
+    bar = tqdm(total=len(order), unit="row", desc="predict", disable=True if len(order) < 8 * batch_size else None)
+    with torch.no_grad(), bar:
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             batch = collate([features[i] for i in idx])
             yield idx, forward(model, {k: v.to(device) for k, v in batch.items()})
+            bar.update(len(idx))
+
+
+def inference_setup(model: torch.nn.Module, precision: str) -> tuple[torch.nn.Module, Any]:
+    """The model on accelerate's device (a GPU where there is one) and the autocast of the recipe's precision (bf16
+    on a CPU with bf16 units under `auto`): what `predict` and `generate` run under, as evaluation does."""
+    from hf_finetune.system import choose_precision, prepare_run
+
+    prepare_run()
+    accelerator = Accelerator(mixed_precision=choose_precision(precision))
+    return model.to(accelerator.device), accelerator.autocast

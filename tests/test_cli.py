@@ -73,6 +73,14 @@ def test_train_eval_predict_round_trip(csv_run: tuple[Path, list[str], Path], tm
     assert [r["label"] for r in rows] == ["thumbs up", "thumbs down"]
     assert rows[0]["review"] == "a great great wonderful movie"
     assert all(abs(sum(r["probabilities"].values()) - 1) < 1e-5 and r["probability"] > 0.5 for r in rows)
+    # the recipe's precision applies to predict as to training and eval: bf16 autocast moves the probabilities a bit
+    code = main(["predict", str(recipe), *overrides, "training.precision=bf16", f"checkpoint={out}", "--input",
+                 str(inputs), "--output", str(tmp_path / "bf16.jsonl")])  # fmt: skip
+    assert code == 0
+    bf16 = [json.loads(line) for line in (tmp_path / "bf16.jsonl").read_text().splitlines()]
+    assert [r["label"] for r in bf16] == ["thumbs up", "thumbs down"]
+    differences = [abs(a["probability"] - b["probability"]) for a, b in zip(rows, bf16, strict=True)]
+    assert 0 < max(differences) < 0.05, differences
 
     assert main(["merge", str(out), "--output", str(tmp_path / "merged")]) == 2
     assert "nothing to merge" in capsys.readouterr().err
