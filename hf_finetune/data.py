@@ -66,6 +66,8 @@ def load_split(split: SplitConfig, where: str) -> Dataset:
         raise InputError(
             f"{where}.path: {split.path} not found (looked in the working directory and {roots})"
         )
+    if split.streaming:
+        return _stream(split, local, where)
     if local is not None:
         say(f"{where}: {local}")
         dataset = _load_local(local, split.split, where)
@@ -85,6 +87,33 @@ def load_split(split: SplitConfig, where: str) -> Dataset:
     if len(dataset) == 0:
         raise InputError(f"{where}: split is empty ({split.path or split.name})")
     return dataset
+
+
+def _stream(split: SplitConfig, local: Path | None, where: str) -> datasets.IterableDataset:
+    """The split as a `datasets.IterableDataset`: local csv/json/jsonl/parquet/txt files read lazily, or the Hub
+    dataset streamed. Its first row is read here, so that a missing or empty source fails before anything else."""
+    if local is not None:
+        files = sorted(p for p in local.iterdir() if p.suffix in BUILDERS) if local.is_dir() else [local]
+        if not files or len({f.suffix for f in files}) > 1:
+            raise InputError(f"{where}.path: {local}: streaming reads one kind of {'/'.join(BUILDERS)} files")
+        say(f"{where}: {local} (streamed)")
+        kwargs = {"delimiter": "\t"} if files[0].suffix == ".tsv" else {}
+        stream = datasets.load_dataset(
+            BUILDERS[files[0].suffix], data_files=[str(f) for f in files], split="train", streaming=True, **kwargs
+        )
+    else:
+        say(f"{where}: Hub dataset {split.name!r} (streamed)")
+        try:
+            stream = datasets.load_dataset(
+                split.name, split.config, split=split.split or where.rsplit(".", 1)[-1], streaming=True
+            )
+        except Exception as err:  # the Hub raises many types; all mean "this name cannot be had here"
+            raise InputError(f"{where}: could not stream Hub dataset {split.name!r}: {str(err).splitlines()[0]}") from err
+    if split.max_samples is not None:
+        stream = stream.take(split.max_samples)
+    if next(iter(stream), None) is None:
+        raise InputError(f"{where}: split is empty ({split.path or split.name})")
+    return stream
 
 
 def _load_local(path: Path, split_name: str | None, where: str) -> Dataset:

@@ -42,6 +42,7 @@ from hf_finetune.methods import Method, TaskInfo, build_optimizer, get_method
 from hf_finetune.recipe import MethodConfig, Recipe
 from hf_finetune.sampling import Schedule, build_loaders, make_schedule
 from hf_finetune.scratch import build_from_scratch
+from hf_finetune.streaming import PackedStream
 from hf_finetune.system import peak_memory_mb, versions
 from hf_finetune.tasks import Task, get_task
 from hf_finetune.trackers import PROJECT, flat_config, make_trackers
@@ -73,6 +74,8 @@ class Run:
     """The loop state of the checkpoint this run resumes from (step 0 for a fresh run)."""
     settings: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
     """Process settings held for the run (the CPU tuning's), released by `finish`."""
+    stream: PackedStream | None = None
+    """The training split when it is streamed (its position goes into every checkpoint)."""
 
     @property
     def out(self) -> Path:
@@ -150,7 +153,8 @@ def _setup(recipe: Recipe, overwrite: bool, accelerator: Accelerator, settings: 
     task.setup(tokenizer, padding)
     with accelerator.main_process_first():  # one process tokenises, the others read datasets' cache
         encoded = task.preprocess(raw)
-    schedule = make_schedule(len(encoded["train"]), t, world)
+    stream = encoded["train"] if isinstance(encoded["train"], PackedStream) else None
+    schedule = make_schedule(None if stream else len(encoded["train"]), t, world)
     cfg = method.resolve(recipe.method, schedule.total_steps)
     problems = method.check(cfg, schedule.total_steps)
     if problems:
@@ -188,6 +192,8 @@ def _setup(recipe: Recipe, overwrite: bool, accelerator: Accelerator, settings: 
     if resume_from is not None:
         unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
         resumed = checkpoint.load_state(accelerator, resume_from, schedule.global_batch, method, unwrapped)
+        if stream is not None:
+            stream.resume(resumed["stream"], resumed["step"] * schedule.global_batch)
     if accelerator.is_main_process:
         settings.callback(lock.release, lock.acquire(out))  # released with the run's other settings, however it ends
         checkpoint.prepare_output_dir(out, resumed["step"], replace=overwrite and not t.resume, resolved=resolved)
@@ -196,7 +202,7 @@ def _setup(recipe: Recipe, overwrite: bool, accelerator: Accelerator, settings: 
     log = checkpoint.MetricsLog(out / "metrics.jsonl", accelerator)
     return Run(
         recipe, accelerator, task, method, cfg, model, tokenizer, model_path, train_loader, eval_loaders,
-        optimizer, scheduler, schedule, log, resolved, trainable, total, resumed, settings,
+        optimizer, scheduler, schedule, log, resolved, trainable, total, resumed, settings, stream,
     )  # fmt: skip
 
 
@@ -252,7 +258,8 @@ def _loop(run: Run, state: LoopState, progress: Any, signals: StopSignals) -> No
     t, acc, sched = run.recipe.training, run.accelerator, run.schedule
     for epoch in range(state.step // sched.per_epoch, sched.epochs):
         run.train_loader.set_epoch(epoch)  # accelerate's loader reseeds the sampler from its own epoch counter
-        skip = (state.step - epoch * sched.per_epoch) * t.grad_accum  # micro-batches the checkpoint covers
+        # micro-batches the checkpoint covers (a stream starts at its checkpointed position itself)
+        skip = 0 if run.stream else (state.step - epoch * sched.per_epoch) * t.grad_accum
         loader = acc.skip_first_batches(run.train_loader, skip) if skip else run.train_loader
         for window in windows(loader, t.grad_accum):
             train_window(run, state, window)
@@ -462,6 +469,7 @@ def save_checkpoint(run: Run, state: LoopState, scores: dict[str, float] | None)
         "micro_batches": state.micro_batches,
         "global_batch": run.schedule.global_batch,
         "score": scores.get(t.best_metric) if scores else None,
+        **({"stream": run.stream.position_of(state.step * run.schedule.global_batch)} if run.stream else {}),
         "early_stopping": {
             "best_score": state.best_score,
             "evals_without_improvement": state.evals_without_improvement,

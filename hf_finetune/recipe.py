@@ -84,6 +84,10 @@ class SplitConfig:
     """Hub split name (e.g. `validation`), or the split inside a `save_to_disk` DatasetDict."""
     max_samples: int | None = None
     """Keep only the first N rows (after loading, before shuffling)."""
+    streaming: bool = False
+    """Training split only, language-modelling tasks: read the rows as a stream (`datasets` streaming, local files or
+    the Hub), tokenised and packed on the fly, never all in memory. Needs `training.max_steps`; the rows are taken in
+    their stored order (no shuffling) and a resumed run continues mid-stream exactly."""
 
 
 @dataclass
@@ -560,6 +564,13 @@ def _check_values(recipe: Recipe) -> list[str]:
         split = getattr(recipe.data, split_name)
         if split is not None:
             positive[f"data.{split_name}.max_samples"] = split.max_samples
+            if split.streaming and split_name != "train":
+                problems.append(f"'data.{split_name}.streaming': only the training split streams")
+            elif split.streaming and not task.streams:
+                streaming = ", ".join(name for name, cls in TASKS.items() if cls.streams)
+                problems.append(f"'data.train.streaming': task {recipe.task} does not stream (only {streaming})")
+            elif split.streaming and t.max_steps is None:
+                problems.append("'data.train.streaming': needs training.max_steps (a stream has no length)")
             if split.path is None and split.name is None:
                 problems.append(f"'data.{split_name}': give a 'path' or a Hub 'name'")
     problems += [

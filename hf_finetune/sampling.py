@@ -73,9 +73,11 @@ class Schedule:
     """Examples per optimizer step: batch_size x processes x grad_accum."""
 
 
-def make_schedule(num_examples: int, t: TrainingConfig, world: int) -> Schedule:
+def make_schedule(num_examples: int | None, t: TrainingConfig, world: int) -> Schedule:
     """The loader deals global batches (split across processes) and accelerate syncs gradients at the end of the epoch
-    even when the last accumulation window is short."""
+    even when the last accumulation window is short. A stream (`num_examples` None) is one epoch of max_steps."""
+    if num_examples is None:
+        return Schedule(t.max_steps, t.max_steps, 1, t.batch_size * world * t.grad_accum)
     per_epoch = math.ceil(math.ceil(num_examples / (t.batch_size * world)) / t.grad_accum)
     total = t.max_steps or max(1, math.ceil(per_epoch * t.epochs))
     return Schedule(per_epoch, total, math.ceil(total / per_epoch), t.batch_size * world * t.grad_accum)
@@ -86,13 +88,16 @@ def build_loaders(task: Task, encoded: Any, t: TrainingConfig, world: int) -> tu
     collate = task.collator()
     global_batch = t.batch_size * world
     train_set = encoded["train"]
-    sampler = LengthGroupedSampler(train_set["length"], global_batch * t.grad_accum, t.seed, t.group_by_length)
-    # its own generator: a DataLoader without one draws its worker seed from the global RNG at every iter(), which
-    # a resumed run would do once more than the uninterrupted one, shifting every dropout mask after it
-    train_loader = DataLoader(
-        train_set.remove_columns("length"), global_batch, sampler=sampler, collate_fn=collate,
-        generator=torch.Generator().manual_seed(t.seed),
-    )  # fmt: skip
+    if isinstance(train_set, torch.utils.data.IterableDataset):  # a stream, in its own order (streaming.py)
+        train_loader = DataLoader(train_set, global_batch, collate_fn=collate)
+    else:
+        sampler = LengthGroupedSampler(train_set["length"], global_batch * t.grad_accum, t.seed, t.group_by_length)
+        # its own generator: a DataLoader without one draws its worker seed from the global RNG at every iter(),
+        # which a resumed run would do once more than the uninterrupted one, shifting every dropout mask after it
+        train_loader = DataLoader(
+            train_set.remove_columns("length"), global_batch, sampler=sampler, collate_fn=collate,
+            generator=torch.Generator().manual_seed(t.seed),
+        )  # fmt: skip
     eval_loaders = {
         split: eval_loader(encoded[split], t.eval_batch * world, collate)
         for split in ("validation", "test")

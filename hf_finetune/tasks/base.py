@@ -53,6 +53,8 @@ class Task(Protocol):
     """Names of freshly initialised head modules that train with every method."""
     shift_labels: bool
     """Logits at position t are scored against the label at t + 1 (causal decoders), not at t."""
+    streams: ClassVar[bool]
+    """The task can read its training split as a stream (`data.train.streaming`)."""
 
     def __init__(self, recipe: Recipe) -> None: ...
 
@@ -117,6 +119,7 @@ class TaskBase:
     peft_task_type: str | None = None
     head_modules: tuple[str, ...] = ()
     shift_labels: bool = False
+    streams: ClassVar[bool] = False
 
     def __init__(self, recipe: Recipe) -> None:
         self.recipe = recipe

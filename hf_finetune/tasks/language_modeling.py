@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 from accelerate import Accelerator
-from datasets import Dataset, DatasetDict
+from datasets import Dataset, DatasetDict, IterableDataset
 from datasets.table import InMemoryTable
 from transformers import (
     AutoModelForCausalLM,
@@ -35,12 +35,15 @@ from hf_finetune.errors import InputError
 from hf_finetune.inference import batched_rows, gathered_outputs
 from hf_finetune.losses import token_losses
 from hf_finetune.metrics import load_metric
+from hf_finetune.streaming import PackedStream
 from hf_finetune.tasks.base import PositionBudget, TaskBase, positive
 
 if TYPE_CHECKING:
     from hf_finetune.recipe import Recipe
 
 DEFAULT_BLOCK_SIZE = 256
+STREAM_CHECK_ROWS = 1000  # rows of a streamed split checked before training
+STREAM_TOKENIZER_ROWS = 100_000  # rows of a streamed split a from-scratch tokenizer learns from, by default
 
 
 class LanguageModelingTask(TaskBase):
@@ -50,6 +53,7 @@ class LanguageModelingTask(TaskBase):
     default_max_length = DEFAULT_BLOCK_SIZE
     token_level = True
     generative = True
+    streams = True
     head_modules: tuple[str, ...] = ()  # the LM head is pretrained (and usually tied to the embeddings)
     causal = True
 
@@ -87,8 +91,11 @@ class LanguageModelingTask(TaskBase):
 
     def prepare(self, raw: DatasetDict) -> None:
         for split in raw:
-            require_columns(raw[split], {"text": self.column}, split)
-            values = raw[split][self.column]
+            ds = raw[split]
+            if isinstance(ds, IterableDataset):  # a stream: its first rows stand for it (it is never read whole)
+                ds = Dataset.from_list(list(ds.take(STREAM_CHECK_ROWS)))
+            require_columns(ds, {"text": self.column}, split)
+            values = ds[self.column]
             bad = next((i for i, v in enumerate(values) if v is not None and not isinstance(v, str)), None)
             if bad is not None:
                 raise InputError(
@@ -106,7 +113,11 @@ class LanguageModelingTask(TaskBase):
     def tokenizer_corpus(self, raw: DatasetDict) -> Iterator[str]:
         """The text a from-scratch tokenizer is trained on: the training split."""
         limit = self.recipe.model.from_scratch.tokenizer_samples if self.recipe.model.from_scratch else None
-        train = raw["train"] if limit is None else raw["train"].select(range(min(limit, len(raw["train"]))))
+        train = raw["train"]
+        if isinstance(train, IterableDataset):  # a stream: its first rows (all of it, unbounded, would never end)
+            yield from (row[self.column] for row in train.take(limit or STREAM_TOKENIZER_ROWS) if row[self.column])
+            return
+        train = train if limit is None else train.select(range(min(limit, len(train))))
         for batch in train.iter(batch_size=1000):
             yield from (t for t in batch[self.column] if t)
 
@@ -128,6 +139,8 @@ class LanguageModelingTask(TaskBase):
         if not self.causal:
             # BERT-style: every row framed by [CLS] ... [SEP], as in run_mlm.py; blank lines carry nothing
             texts = [t for t in texts if t.strip()]
+            if not texts:  # a streamed blank row
+                return {"input_ids": [], "special_tokens_mask": [], **({"offset_mapping": []} if keep_offsets else {})}
             return tokenizer(
                 texts,
                 add_special_tokens=True,
@@ -145,8 +158,10 @@ class LanguageModelingTask(TaskBase):
             raise InputError(
                 "lm.join=eos: the tokenizer has neither an eos nor a sep token; set lm.join=newline"
             )
-        encoded = tokenizer([t for t in texts if t], add_special_tokens=False, return_attention_mask=False,
-                            verbose=False)  # fmt: skip
+        texts = [t for t in texts if t]
+        if not texts:  # a streamed blank row
+            return {"input_ids": []}
+        encoded = tokenizer(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)
         return {"input_ids": [ids + [eos] for ids in encoded["input_ids"]]}
 
     def pack(self, tokenised: Dataset) -> Dataset:
@@ -171,6 +186,9 @@ class LanguageModelingTask(TaskBase):
     def preprocess(self, raw: DatasetDict) -> DatasetDict:
         out = {}
         for split, ds in raw.items():
+            if isinstance(ds, IterableDataset):
+                out[split] = PackedStream(ds, self.column, self._tokenise, self.block_size)
+                continue
             tokenised = ds.map(
                 lambda b: self._tokenise(b[self.column]),
                 batched=True,
