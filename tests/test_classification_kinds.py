@@ -276,3 +276,15 @@ def test_a_fresh_multi_label_head_starts_at_the_training_prior(tiny_bert: Path, 
         np.testing.assert_allclose(bias, np.log(rate / (1 - rate)), rtol=1e-6)
     finally:
         run.settings.close()
+
+
+def test_a_fresh_regression_head_starts_at_the_training_mean(tiny_bert: Path, score_data: Path, tmp_path: Path) -> None:
+    import hf_finetune.engine as engine
+
+    run = engine.setup(recipe_from_dict(tiny_recipe(tiny_bert, score_data, tmp_path / "run")))
+    try:
+        rows = [json.loads(x) for x in (score_data / "train.jsonl").read_text().splitlines()]
+        mean = sum(r["label"] for r in rows) / len(rows)
+        assert run.unwrapped.classifier.bias.item() == pytest.approx(mean, rel=1e-6) and abs(mean) > 0.5
+    finally:
+        run.settings.close()

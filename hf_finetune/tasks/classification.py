@@ -64,7 +64,7 @@ class ClassificationTask(TaskBase):
         self._eval: dict[str, Dataset] = {}
         """The raw evaluation splits, for the saved predictions."""
         self.prior: list[float] | None = None
-        """Multi-label: each label's share of the training rows (set when the labels come from training data)."""
+        """Multi-label: each label's share of the training rows; regression: the mean target (set from training data)."""
 
     @staticmethod
     def _declared_kind(recipe: Recipe) -> str | None:
@@ -116,6 +116,9 @@ class ClassificationTask(TaskBase):
         if self.problem_type == REGRESSION:
             for split in raw:
                 self._check_scores(raw[split][self.columns.label], split)
+            if not self._restored:
+                scores = raw["train"][self.columns.label]
+                self.prior = [sum(float(v) for v in scores) / len(scores)]
             return
         if not self.labels:  # restored from a checkpoint otherwise
             self._labels_from_train(raw)
@@ -221,25 +224,29 @@ class ClassificationTask(TaskBase):
             trust_remote_code=m.trust_remote_code,
             output_loading_info=True,
         )
-        if self.problem_type == MULTI and self.prior is not None:
+        if self.problem_type in (MULTI, REGRESSION) and self.prior is not None:
             self._bias_from_prior(model, info["missing_keys"])
         return model
 
     def _bias_from_prior(self, model: PreTrainedModel, missing: Any) -> None:
-        """A fresh multi-label head starts at each label's log-odds in the training data, not at probability 0.5.
+        """A fresh multi-label head starts at each label's log-odds in the training data, not at probability 0.5; a
+        fresh regression head at the training targets' mean, not at 0.
 
         From a zero bias every step first has to push 28 sigmoids from 0.5 down to their base rates (GoEmotions: 1 to
-        30%), and at fine-tuning learning rates a bias moves ~lr per step: the body learns to output the prior
-        instead of the labels (docs/benchmarks.md, "multi-label head bias"). The prior start of Lin et al. 2017
-        (focal loss, sec. 4.1)."""
-        n = len(self.labels)
+        30%), or one output from 0 up to STS-B's mean of 2.7, and at fine-tuning learning rates a bias moves ~lr per
+        step: the body learns to output the prior instead of the labels (docs/benchmarks.md, "multi-label head
+        bias", "regression head bias"). The prior start of Lin et al. 2017 (focal loss, sec. 4.1)."""
+        n = len(self.labels) or 1
         params = dict(model.named_parameters())
         fresh = [k for k in missing if k.endswith(".bias") and k in params and params[k].shape == (n,)]
         if len(fresh) != 1:
             return  # no bias, or not one we can tell is the fresh output layer's
-        rate = torch.tensor(self.prior, dtype=torch.float64).clamp(1e-4, 1 - 1e-4)
+        prior = torch.tensor(self.prior, dtype=torch.float64)
+        if self.problem_type == MULTI:
+            rate = prior.clamp(1e-4, 1 - 1e-4)
+            prior = torch.log(rate / (1 - rate))
         with torch.no_grad():
-            params[fresh[0]].copy_(torch.log(rate / (1 - rate)).to(params[fresh[0]].dtype))
+            params[fresh[0]].copy_(prior.to(params[fresh[0]].dtype))
 
     def _encode(self, batch: dict[str, list]) -> dict[str, list]:
         pair = batch[self.columns.text_pair] if self.columns.text_pair else None
