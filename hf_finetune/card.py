@@ -12,17 +12,8 @@ from typing import Any
 import yaml
 
 from hf_finetune.recipe import Recipe
+from hf_finetune.tasks import TASKS
 
-# the Hub's pipeline tag of each task (what its widget and search filter use)
-PIPELINES = {
-    "classification": "text-classification",
-    "token_classification": "token-classification",
-    "question_answering": "question-answering",
-    "translation": "translation",
-    "summarization": "summarization",
-    "causal_lm": "text-generation",
-    "masked_lm": "fill-mask",
-}
 # recipe method settings worth a line in the card, where the method has them
 METHOD_KEYS = ("r", "alpha", "dropout", "target_modules", "num_virtual_tokens", "init_r", "target_r")
 
@@ -71,7 +62,7 @@ def model_card(folder: Path, recipe: Recipe, results: dict[str, Any], command: s
     meta: dict[str, Any] = {
         "library_name": _library(folder),
         **({"base_model": base} if base else {}),
-        "pipeline_tag": PIPELINES.get(recipe.task, recipe.task),
+        "pipeline_tag": TASKS[recipe.task].pipeline_tag,
         "tags": ["hf-finetune", recipe.task, method],
         **({"datasets": _datasets(recipe)} if _datasets(recipe) else {}),
         "metrics": sorted(k for k in results["metrics"] if k != "eval_loss") or ["eval_loss"],

@@ -323,7 +323,7 @@ def test_seq2seq_bad_inputs(tiny_models: dict[str, Path], mt_data: Path, tmp_pat
         path = tmp_path / "recipe.yaml"
         path.write_text(json.dumps(mt_recipe(tiny_models[model], data, tmp_path / "out", **extra)))
         assert main(["train", str(path)]) == 2
-        err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("hf-finetune:")]
+        err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("hf-finetune: error")]
         assert len(err) == 1, err
         return err[0]
 

@@ -55,6 +55,8 @@ class Task(Protocol):
     """Logits at position t are scored against the label at t + 1 (causal decoders), not at t."""
     streams: ClassVar[bool]
     """The task can read its training split as a stream (`data.train.streaming`)."""
+    pipeline_tag: ClassVar[str]
+    """The Hugging Face Hub's pipeline tag for this task's models (the model card's `pipeline_tag`)."""
 
     def __init__(self, recipe: Recipe) -> None: ...
 
@@ -120,6 +122,7 @@ class TaskBase:
     head_modules: tuple[str, ...] = ()
     shift_labels: bool = False
     streams: ClassVar[bool] = False
+    pipeline_tag: ClassVar[str] = ""
 
     def __init__(self, recipe: Recipe) -> None:
         self.recipe = recipe

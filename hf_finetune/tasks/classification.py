@@ -41,6 +41,7 @@ KINDS: dict[str, tuple[dict[str, bool], str]] = {
 
 class ClassificationTask(TaskBase):
     name = "classification"
+    pipeline_tag = "text-classification"
     # every problem type's metrics; an instance narrows them to its own once `prepare` has read the labels
     metrics = {k: v for metrics, _ in KINDS.values() for k, v in metrics.items()}
     primary_metric = "accuracy"

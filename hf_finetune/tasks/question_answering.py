@@ -149,6 +149,7 @@ def normalise_answers(value: Any) -> dict[str, list]:
 
 class QuestionAnsweringTask(TaskBase):
     name = "question_answering"
+    pipeline_tag = "question-answering"
     metrics = {
         "eval_loss": False,
         "exact_match": True,

@@ -379,6 +379,7 @@ class Seq2SeqTask(TaskBase):
 
 class TranslationTask(Seq2SeqTask):
     name = "translation"
+    pipeline_tag = "translation"
     metric_name = "translation"
     metrics = {"eval_loss": False, "bleu": True, "chrf": True}
     primary_metric = "bleu"
@@ -389,6 +390,7 @@ ROUGE = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 
 class SummarizationTask(Seq2SeqTask):
     name = "summarization"
+    pipeline_tag = "summarization"
     metric_name = "summarization"
     # the lead baseline's scores are reported beside the model's; as metrics they rank runs the same way
     metrics = {"eval_loss": False, **dict.fromkeys(ROUGE, True), **dict.fromkeys((f"lead_{k}" for k in ROUGE), True)}
