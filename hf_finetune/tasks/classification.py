@@ -352,11 +352,12 @@ class ClassificationTask(TaskBase):
         if len(ds) != len(logit):
             raise RuntimeError(f"{len(logit)} outputs for {len(ds)} examples")
         text = {c: ds[c] for c in (self.columns.text, self.columns.text_pair) if c}
+        given = ds[self.columns.label]  # references as the data has them (not the float32 of the label tensor)
         rows = []
         for i, id_ in enumerate(example_ids(ds)):
             row: dict[str, Any] = {"id": id_, **{c: values[i] for c, values in text.items()}}
             if self.problem_type == REGRESSION:
-                value, gold = float(logit[i, 0]), float(label[i])
+                value, gold = float(logit[i, 0]), float(given[i])
                 row.update(prediction=value, reference=gold, scores={"mse": (value - gold) ** 2})
             elif self.problem_type == MULTI:
                 p = 1 / (1 + np.exp(-logit[i]))
