@@ -45,10 +45,14 @@ class LengthGroupedSampler(Sampler[int]):
         return iter(get_length_grouped_indices(self.lengths, self.group_size, generator=generator))
 
 
+def eval_order(lengths: Sequence[int]) -> list[int]:
+    """The evaluation loader's order of a split's rows: by length (stable), so padded batches carry little padding.
+    Metrics do not depend on it; a task pairing outputs with its rows without an index column uses it."""
+    return sorted(range(len(lengths)), key=lengths.__getitem__)
+
+
 def sorted_by_length(dataset: Dataset) -> Dataset:
-    """Evaluation order by length, so padded batches carry little padding; metrics do not depend on order."""
-    order = sorted(range(len(dataset)), key=dataset["length"].__getitem__)
-    return dataset.select(order).remove_columns("length")
+    return dataset.select(eval_order(dataset["length"])).remove_columns("length")
 
 
 def eval_loader(dataset: Dataset, batch_size: int, collate_fn: Any) -> DataLoader:

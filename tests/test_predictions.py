@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from hf_finetune.checkpoint import write_jsonl_atomic
+from hf_finetune.checkpoint import load_final, write_jsonl_atomic
 from hf_finetune.engine import train
 from hf_finetune.recipe import recipe_from_dict
 from tests.conftest import tiny_recipe
@@ -61,10 +61,14 @@ def test_single_label_predictions_name_the_text_and_their_accuracy_is_the_metric
     train(recipe_from_dict(raw))
     rows = check_predictions(out, {"validation": 64, "test": 64})
     source = [json.loads(line) for line in (data_dir / "validation.jsonl").read_text().splitlines()]
-    first = rows["validation"][0]
-    assert first["id"] == 0 and first["sentence"] == source[0]["sentence"]
-    assert first["reference"] == source[0]["label"] and first["prediction"] in ("neg", "pos")
-    assert 0.5 <= first["probability"] <= 1
+    # each row is its own example: the split's order, its text, its label (the loader reads them by length)
+    assert [r["id"] for r in rows["validation"]] == list(range(64))
+    assert [(r["sentence"], r["reference"]) for r in rows["validation"]] == [(s["sentence"], s["label"]) for s in source]
+    assert all(r["prediction"] in ("neg", "pos") and 0.5 <= r["probability"] <= 1 for r in rows["validation"])
+    # and its prediction is the model's for that text
+    task, model, _, _ = load_final(out, recipe_from_dict(raw))
+    predicted = task.predict(model, [{"sentence": s["sentence"]} for s in source])
+    assert [p["label"] for p in predicted] == [r["prediction"] for r in rows["validation"]]
     # the test split equals validation here, so its rows do too
     assert [r["prediction"] for r in rows["test"]] == [r["prediction"] for r in rows["validation"]]
 

@@ -23,6 +23,7 @@ from hf_finetune.metrics.classification.classification import (
     regression_scores,
     tune_thresholds,
 )
+from hf_finetune.sampling import eval_order
 from hf_finetune.tasks.base import TaskBase, example_ids
 
 if TYPE_CHECKING:
@@ -62,8 +63,8 @@ class ClassificationTask(TaskBase):
         self.thresholds: list[float] | None = None
         """Multi-label: each label's decision threshold, tuned on validation or restored with the model."""
         self._restored = False
-        self._eval: dict[str, Dataset] = {}
-        """The raw evaluation splits, for the saved predictions."""
+        self._eval: dict[str, tuple[Dataset, list[int]]] = {}
+        """The raw evaluation splits and their token lengths, for the saved predictions."""
         self.prior: list[float] | None = None
         """Multi-label: each label's share of the training rows; regression: the mean target (set from training data)."""
 
@@ -273,8 +274,7 @@ class ClassificationTask(TaskBase):
             encoded["length"] = [len(x) for x in encoded["input_ids"]]
             return encoded
 
-        self._eval.update({split: ds for split, ds in raw.items() if split != "train"})
-        return DatasetDict(
+        encoded = DatasetDict(
             {
                 split: ds.map(
                     encode,
@@ -286,6 +286,8 @@ class ClassificationTask(TaskBase):
                 for split, ds in raw.items()
             }
         )
+        self._eval.update({split: (raw[split], encoded[split]["length"]) for split in raw if split != "train"})
+        return encoded
 
     def collator(self) -> RulePadding:
         # capped at the truncation length, so a batch never asks for more positions than the budget allowed
@@ -343,7 +345,12 @@ class ClassificationTask(TaskBase):
             metric.add_batch(predictions=logit.argmax(-1).tolist(), references=label.tolist())
             scores.update(metric.compute(labels=list(range(len(self.labels)))))
         if records is not None:
-            records.extend(self._records(self._eval[split], logit, label))
+            ds, lengths = self._eval[split]
+            # outputs come in the loader's order (by length); rows are put back in the split's own
+            order = eval_order(lengths)
+            back = np.empty(len(order), dtype=np.int64)
+            back[order] = np.arange(len(order))
+            records.extend(self._records(ds, logit[back], label[back]))
         return scores
 
     def _records(self, ds: Dataset, logit: np.ndarray, label: np.ndarray) -> list[dict]:

@@ -35,6 +35,7 @@ from hf_finetune.errors import InputError
 from hf_finetune.inference import batched_rows, gathered_outputs
 from hf_finetune.losses import token_losses
 from hf_finetune.metrics import load_metric
+from hf_finetune.sampling import eval_order
 from hf_finetune.streaming import PackedStream
 from hf_finetune.tasks.base import PositionBudget, TaskBase, positive
 
@@ -269,8 +270,11 @@ class LanguageModelingTask(TaskBase):
             counts += out["counts"].tolist()
         metric.add_batch(loss_sums=sums, token_counts=counts)
         if records is not None:
-            blocks = self._eval[split]["input_ids"]
-            for i, (ids, total, n) in enumerate(zip(blocks, sums, counts, strict=True)):
+            packed = self._eval[split]
+            order = eval_order(packed["length"])  # the loader's order of the blocks (the short last one first)
+            found = dict(zip(order, zip(sums, counts, strict=True), strict=True))
+            for i, ids in enumerate(packed["input_ids"]):
+                total, n = found[i]
                 text = self.tokenizer.decode(ids, skip_special_tokens=False)
                 records.append({"id": i, "text": text, "tokens": int(n), "loss": total / n if n else None})
         return metric.compute()
