@@ -195,7 +195,9 @@ def test_multi_label_every_method(method: str, tiny_bert_pretrained: Path, multi
 @pytest.mark.parametrize("method", list(LRS))
 def test_regression_every_method(method: str, tiny_bert_pretrained: Path, score_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    raw = tiny_recipe(tiny_bert_pretrained, score_data, out, **{"method.name": method, "training.lr": LRS[method]})
+    # the head starts at the targets' mean, so the loss starts at their variance: beating it takes the cue words
+    raw = tiny_recipe(tiny_bert_pretrained, score_data, out, **{"method.name": method, "training.lr": LRS[method],
+                                                                "training.epochs": 8})  # fmt: skip
     results, model = check_method(method, raw, out, tiny_bert_pretrained)
     assert results["primary_metric"] == "pearson"
     assert model.config.num_labels == 1 and model.config.problem_type == "regression"
