@@ -37,7 +37,7 @@ def run(recipe: Path, overrides: list[str], out: Path) -> dict:
         "s_per_step": results["train_runtime_s"] / results["steps"],
         "loss": [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x][-1],
         "device": results["versions"].get("device"),
-        "precision": results["precision"],
+        "precision": "fp32" if results["precision"] == "no" else results["precision"],
     }
 
 
