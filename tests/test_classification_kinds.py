@@ -164,13 +164,21 @@ def test_bad_regression_targets_exit_2(
 # ---- every method on both problem types ----------------------------------------------------------------------------
 
 
-def check_method(method: str, raw: dict, out: Path, tokenizer_path: Path) -> tuple[dict, torch.nn.Module]:
+def check_method(
+    method: str, raw: dict, out: Path, tokenizer_path: Path, regression: bool = False
+) -> tuple[dict, torch.nn.Module]:
     from transformers import AutoTokenizer
 
     results, model, before = train_capturing(raw)
     losses = [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
-    # binary cross-entropy starts near the labels' entropy, which frozen-body methods (IA3, prefix) leave slowly
-    assert sum(losses[-2:]) / 2 < 0.98 * sum(losses[:2]) / 2, losses
+    start = sum(losses[:2]) / 2
+    if regression:
+        # the head starts at the targets' mean, so the loss starts at their variance and the curve of batch-16
+        # squared errors is noisy around it: some later window must get well below it
+        assert min(losses[2:]) < 0.9 * start, losses
+    else:
+        # binary cross-entropy starts near the labels' entropy, which frozen-body methods (IA3, prefix) leave slowly
+        assert sum(losses[-2:]) / 2 < 0.98 * start, losses
     check_trained_parameters(method, model, before)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     texts = ["the movie was good and great", "a boring plot by the actor", "this film"]
@@ -198,7 +206,7 @@ def test_regression_every_method(method: str, tiny_bert_pretrained: Path, score_
     # the head starts at the targets' mean, so the loss starts at their variance: beating it takes the cue words
     raw = tiny_recipe(tiny_bert_pretrained, score_data, out, **{"method.name": method, "training.lr": LRS[method],
                                                                 "training.epochs": 8})  # fmt: skip
-    results, model = check_method(method, raw, out, tiny_bert_pretrained)
+    results, model = check_method(method, raw, out, tiny_bert_pretrained, regression=True)
     assert results["primary_metric"] == "pearson"
     assert model.config.num_labels == 1 and model.config.problem_type == "regression"
 
