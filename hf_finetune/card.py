@@ -3,6 +3,7 @@ model folder moved or pushed on its own still says what it is, how well it did a
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import sys
@@ -26,6 +27,68 @@ def _library(folder: Path) -> str:
     if (folder / "config.json").is_file() and any(folder.glob("model*.safetensors")):
         return "transformers"
     return "hf-finetune"
+
+
+# PEFT's Auto class for each task type its adapter_config.json may name; masked LM has none (PEFT's generic PeftModel)
+PEFT_AUTO = {
+    "SEQ_CLS": "AutoPeftModelForSequenceClassification",
+    "TOKEN_CLS": "AutoPeftModelForTokenClassification",
+    "QUESTION_ANS": "AutoPeftModelForQuestionAnswering",
+    "CAUSAL_LM": "AutoPeftModelForCausalLM",
+    "SEQ_2_SEQ_LM": "AutoPeftModelForSeq2SeqLM",
+}
+
+
+def plain_loading_code(folder: Path, name: str | None = None) -> str | None:
+    """Python that loads the saved model with transformers (and PEFT for an adapter) alone, or None where only
+    hf-finetune can (its own prefix/prompt modules). `name`: how the code names the folder (default: its path)."""
+    from hf_finetune.checkpoint import INFO_NAME
+
+    info = json.loads((folder / INFO_NAME).read_text())
+    where = repr(name or str(folder))
+    auto = info.get("auto_class")
+    if auto is None:
+        return None
+    tokenizer = f"tokenizer = AutoTokenizer.from_pretrained({where})"
+    if _library(folder) == "transformers":
+        from transformers.pipelines import SUPPORTED_TASKS
+
+        tag = TASKS[info["task"]].pipeline_tag
+        # transformers 5 dropped the question-answering, translation and summarization pipelines
+        pipe = tag in SUPPORTED_TASKS
+        return "\n".join([
+            f"from transformers import {auto}, AutoTokenizer" + (", pipeline" if pipe else ""),
+            "",
+            f"model = {auto}.from_pretrained({where})",
+            tokenizer,
+            *([f"pipe = pipeline({tag!r}, model={where})"] if pipe else []),
+        ])  # fmt: skip
+    if _library(folder) != "peft":
+        return None
+    task_type = json.loads((folder / "adapter_config.json").read_text()).get("task_type")
+    config = dict(info.get("head_config", {}))
+    if "id2label" in config:  # JSON made its keys strings
+        config["id2label"] = {int(k): v for k, v in config["id2label"].items()}
+    head = "".join(f", {k}={v!r}" for k, v in config.items())
+    if task_type in PEFT_AUTO:
+        peft_auto = PEFT_AUTO[task_type]
+        return "\n".join([
+            f"from peft import {peft_auto}",
+            "from transformers import AutoTokenizer",
+            "",
+            "# the base model comes from adapter_config.json's base_model_name_or_path; the head's labels are given",
+            "# here because PEFT builds the base model from the base model's own config first",
+            f"model = {peft_auto}.from_pretrained({where}{head})",
+            tokenizer,
+        ])  # fmt: skip
+    base = repr(info["base_model"])
+    return "\n".join([
+        "from peft import PeftModel",
+        f"from transformers import {auto}, AutoTokenizer",
+        "",
+        f"model = PeftModel.from_pretrained({auto}.from_pretrained({base}{head}), {where})",
+        tokenizer,
+    ])  # fmt: skip
 
 
 def _datasets(recipe: Recipe) -> list[str]:
@@ -126,4 +189,10 @@ def model_card(folder: Path, recipe: Recipe, results: dict[str, Any], command: s
         "```",
         "",
     ]
+    code = plain_loading_code(folder)
+    if code:
+        lines += ["With transformers" + (" and PEFT" if "peft" in code else "") + " alone:", "", "```python", code,
+                  "```", ""]  # fmt: skip
+    else:
+        lines += ["This method's modules are hf-finetune's own: load the folder with hf-finetune.", ""]
     return "\n".join(lines)

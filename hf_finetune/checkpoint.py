@@ -256,6 +256,18 @@ def name_base_model(folder: Path, base: str) -> None:
             path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+# PEFT task types whose head has a label set that plain loaders must be told (the base model's config has its own)
+LABELLED_HEADS = ("SEQ_CLS", "TOKEN_CLS")
+
+
+def head_config(model: torch.nn.Module) -> dict[str, Any]:
+    """The head's size, labels and problem type: what `AutoPeftModelFor*.from_pretrained` needs as keyword arguments,
+    since PEFT loads the base model from its own config (two labels, LABEL_0/LABEL_1) before the adapter's head."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    c = base.config
+    return {"num_labels": c.num_labels, "id2label": c.id2label, "label2id": c.label2id, "problem_type": c.problem_type}
+
+
 def save_final(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -282,6 +294,8 @@ def save_final(
             # what an adapter applies to: the recipe's model, or the from-scratch run's init/ folder
             "base_model": base_model or recipe.model.name_or_path,
             "recipe": recipe.to_dict(),
+            "auto_class": task.auto_class,
+            **({"head_config": head_config(model)} if task.peft_task_type in LABELLED_HEADS else {}),
         }
         (tmp / INFO_NAME).write_text(json.dumps({**info, **task.checkpoint_info()}, indent=2, default=str))
         verify_saved(method, model, tmp, compare=state_dict is None)

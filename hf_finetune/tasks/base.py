@@ -57,6 +57,8 @@ class Task(Protocol):
     """The task can read its training split as a stream (`data.train.streaming`)."""
     pipeline_tag: ClassVar[str]
     """The Hugging Face Hub's pipeline tag for this task's models (the model card's `pipeline_tag`)."""
+    auto_class: str
+    """The transformers Auto class that loads this task's saved models (e.g. AutoModelForSequenceClassification)."""
 
     def __init__(self, recipe: Recipe) -> None: ...
 
@@ -123,6 +125,7 @@ class TaskBase:
     shift_labels: bool = False
     streams: ClassVar[bool] = False
     pipeline_tag: ClassVar[str] = ""
+    auto_class: str = "AutoModel"
 
     def __init__(self, recipe: Recipe) -> None:
         self.recipe = recipe

@@ -43,6 +43,7 @@ KINDS: dict[str, tuple[dict[str, bool], str]] = {
 class ClassificationTask(TaskBase):
     name = "classification"
     pipeline_tag = "text-classification"
+    auto_class = "AutoModelForSequenceClassification"
     # every problem type's metrics; an instance narrows them to its own once `prepare` has read the labels
     metrics = {k: v for metrics, _ in KINDS.values() for k, v in metrics.items()}
     primary_metric = "accuracy"

@@ -50,6 +50,7 @@ STREAM_TOKENIZER_ROWS = 100_000  # rows of a streamed split a from-scratch token
 class LanguageModelingTask(TaskBase):
     name = "causal_lm"
     pipeline_tag = "text-generation"
+    auto_class = "AutoModelForCausalLM"
     metrics = {"eval_loss": False, "perplexity": False}
     primary_metric = "perplexity"
     default_max_length = DEFAULT_BLOCK_SIZE
@@ -305,6 +306,7 @@ class LanguageModelingTask(TaskBase):
 class MaskedLanguageModelingTask(LanguageModelingTask):
     name = "masked_lm"
     pipeline_tag = "fill-mask"
+    auto_class = "AutoModelForMaskedLM"
     generative = False
     causal = False
     # The MLM head's transform (dense + LayerNorm; its decoder is the tied word embeddings) trains with every method:

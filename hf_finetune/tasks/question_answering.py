@@ -150,6 +150,7 @@ def normalise_answers(value: Any) -> dict[str, list]:
 class QuestionAnsweringTask(TaskBase):
     name = "question_answering"
     pipeline_tag = "question-answering"
+    auto_class = "AutoModelForQuestionAnswering"
     metrics = {
         "eval_loss": False,
         "exact_match": True,

@@ -79,6 +79,10 @@ class Seq2SeqTask(TaskBase):
     def peft_task_type(self) -> str:
         return "CAUSAL_LM" if self.decoder_only else "SEQ_2_SEQ_LM"
 
+    @property
+    def auto_class(self) -> str:
+        return "AutoModelForCausalLM" if self.decoder_only else "AutoModelForSeq2SeqLM"
+
     @classmethod
     def check_recipe(cls, recipe: Recipe) -> list[str]:
         s = recipe.seq2seq

@@ -60,6 +60,7 @@ class TokenCollator:
 class TokenClassificationTask(TaskBase):
     name = "token_classification"
     pipeline_tag = "token-classification"
+    auto_class = "AutoModelForTokenClassification"
     metrics = {"eval_loss": False, "f1": True, "precision": True, "recall": True, "accuracy": True}
     primary_metric = "f1"
     peft_task_type = "TOKEN_CLS"
