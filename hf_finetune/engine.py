@@ -42,7 +42,7 @@ from hf_finetune.methods import Method, TaskInfo, build_optimizer, get_method
 from hf_finetune.recipe import MethodConfig, Recipe
 from hf_finetune.sampling import Schedule, build_loaders, make_schedule
 from hf_finetune.scratch import build_from_scratch
-from hf_finetune.streaming import PackedStream
+from hf_finetune.streaming import Stream
 from hf_finetune.system import peak_memory_mb, versions
 from hf_finetune.tasks import Task, get_task
 from hf_finetune.trackers import PROJECT, flat_config, make_trackers
@@ -74,7 +74,7 @@ class Run:
     """The loop state of the checkpoint this run resumes from (step 0 for a fresh run)."""
     settings: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
     """Process settings held for the run (the CPU tuning's), released by `finish`."""
-    stream: PackedStream | None = None
+    stream: Stream | None = None
     """The training split when it is streamed (its position goes into every checkpoint)."""
 
     @property
@@ -153,7 +153,7 @@ def _setup(recipe: Recipe, overwrite: bool, accelerator: Accelerator, settings: 
     task.setup(tokenizer, padding)
     with accelerator.main_process_first():  # one process tokenises, the others read datasets' cache
         encoded = task.preprocess(raw)
-    stream = encoded["train"] if isinstance(encoded["train"], PackedStream) else None
+    stream = encoded["train"] if isinstance(encoded["train"], Stream) else None
     schedule = make_schedule(None if stream else len(encoded["train"]), t, world)
     cfg = method.resolve(recipe.method, schedule.total_steps)
     problems = method.check(cfg, schedule.total_steps)
@@ -182,6 +182,11 @@ def _setup(recipe: Recipe, overwrite: bool, accelerator: Accelerator, settings: 
         num_training_steps=schedule.total_steps,
     )  # fmt: skip
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+    inner = getattr(train_loader, "base_dataloader", train_loader)
+    if stream is not None and inner.generator is None:
+        # accelerate dispatches a stream's batches through a new loader without our generator, whose iter() would
+        # draw its seed from the global RNG: once more in a resumed run than in the unbroken one, shifting dropout
+        inner.generator = torch.Generator().manual_seed(t.seed)
     eval_loaders = {k: accelerator.prepare(v) for k, v in eval_loaders.items()}
     resolved = {
         **recipe.to_dict(),

@@ -85,9 +85,11 @@ class SplitConfig:
     max_samples: int | None = None
     """Keep only the first N rows (after loading, before shuffling)."""
     streaming: bool = False
-    """Training split only, language-modelling tasks: read the rows as a stream (`datasets` streaming, local files or
-    the Hub), tokenised and packed on the fly, never all in memory. Needs `training.max_steps`; the rows are taken in
-    their stored order (no shuffling) and a resumed run continues mid-stream exactly."""
+    """Training split only, language-modelling and classification tasks: read the rows as a stream (`datasets`
+    streaming, local files or the Hub), tokenised (and for language modelling packed) on the fly, never all in memory.
+    Needs `training.max_steps`; the rows are taken in their stored order (no shuffling) and a resumed run continues
+    mid-stream exactly. Classification takes its problem type, labels and prior from the first 1,000 rows (the
+    evaluation splits' labels join the set)."""
 
 
 @dataclass

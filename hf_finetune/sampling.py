@@ -92,12 +92,14 @@ def build_loaders(task: Task, encoded: Any, t: TrainingConfig, world: int) -> tu
     collate = task.collator()
     global_batch = t.batch_size * world
     train_set = encoded["train"]
+    # its own generator: a DataLoader without one draws its worker seed from the global RNG at every iter(), which a
+    # resumed run would do once more than the uninterrupted one, shifting every dropout mask after it
     if isinstance(train_set, torch.utils.data.IterableDataset):  # a stream, in its own order (streaming.py)
-        train_loader = DataLoader(train_set, global_batch, collate_fn=collate)
+        train_loader = DataLoader(
+            train_set, global_batch, collate_fn=collate, generator=torch.Generator().manual_seed(t.seed)
+        )
     else:
         sampler = LengthGroupedSampler(train_set["length"], global_batch * t.grad_accum, t.seed, t.group_by_length)
-        # its own generator: a DataLoader without one draws its worker seed from the global RNG at every iter(),
-        # which a resumed run would do once more than the uninterrupted one, shifting every dropout mask after it
         train_loader = DataLoader(
             train_set.remove_columns("length"), global_batch, sampler=sampler, collate_fn=collate,
             generator=torch.Generator().manual_seed(t.seed),

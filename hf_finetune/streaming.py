@@ -1,9 +1,9 @@
 """Training data read as a stream (`data.train.streaming: true`): rows come from a `datasets.IterableDataset` (local
-files or the Hub), are tokenised and packed into blocks on the fly, and never held all at once, so a corpus larger
-than memory trains in the memory of a small one (docs/benchmarks.md, "streaming").
+files or the Hub) and are tokenised on the fly (and, for language modelling, packed into blocks), never held all at
+once, so a corpus larger than memory trains in the memory of a small one (docs/benchmarks.md, "streaming").
 
-Resuming is exact: the loop records, for the first block it has not yet trained on, where that block starts in the
-stream (the pass over the data, the row, the token inside the row), and the resumed stream skips to it."""
+Resuming is exact: the loop records, for the first item (block or row) it has not yet trained on, where that item
+starts in the stream (the pass over the data, the row, the token inside the row), and the resumed stream skips to it."""
 
 from __future__ import annotations
 
@@ -14,39 +14,72 @@ from typing import Any
 import torch
 
 Position = tuple[int, int, int]
-"""(pass over the data, row of the stream, token offset inside that row's tokens) where a block starts."""
+"""(pass over the data, row of the stream, token offset inside that row's tokens) where an item starts."""
 
 
-class PackedStream(torch.utils.data.IterableDataset):
-    """Blocks of `block_size` tokens cut from the concatenated token stream of `source`'s rows (the block run by
-    `pack` on a whole split, here one row at a time). Each column `tokenise` returns (input_ids, and for masked LM
-    special_tokens_mask / offset_mapping) is packed alike. The stream restarts when it runs out (another pass)."""
+class Stream(torch.utils.data.IterableDataset):
+    """The position bookkeeping every stream shares: where each recently read item starts, and where to resume."""
 
-    KEEP = 4096  # block positions remembered: the loop asks for one a few batches behind the reader
+    KEEP = 4096  # item positions remembered: the loop asks for one a few batches behind the reader
 
-    def __init__(self, source: Any, column: str, tokenise: Callable[[list[str]], dict[str, list]], block_size: int):
-        self.source, self.column, self.tokenise, self.block_size = source, column, tokenise, block_size
+    def __init__(self, source: Any) -> None:
+        self.source = source
         self.start: Position = (0, 0, 0)
         self.first_block = 0
-        """The index (counted from the stream's very start) of the block at `start`."""
+        """The index (counted from the stream's very start) of the item at `start`."""
         self.starts: OrderedDict[int, Position] = OrderedDict()
 
     def resume(self, position: Position, blocks_done: int) -> None:
-        """Continue at the block that starts at `position`, the `blocks_done`-th of the stream."""
+        """Continue at the item that starts at `position`, the `blocks_done`-th of the stream."""
         self.start, self.first_block = tuple(position), blocks_done  # type: ignore[assignment]
 
     def position_of(self, block: int) -> Position:
-        """Where block number `block` starts: one already read, or the next to read."""
+        """Where item number `block` starts: one already read, or the next to read."""
         if block == self.first_block and not self.starts:
             return self.start
         if block not in self.starts:
-            raise RuntimeError(f"stream position of block {block} is no longer known (kept {len(self.starts)})")
+            raise RuntimeError(f"stream position of item {block} is no longer known (kept {len(self.starts)})")
         return self.starts[block]
 
     def _remember(self, block: int, position: Position) -> None:
         self.starts[block] = position
         while len(self.starts) > self.KEEP:
             self.starts.popitem(last=False)
+
+
+class RowStream(Stream):
+    """One example per row (classification): `encode(row, index)` turns a row into its features. The stream restarts
+    when it runs out (another pass)."""
+
+    def __init__(self, source: Any, encode: Callable[[dict[str, Any], int], dict[str, Any]]) -> None:
+        super().__init__(source)
+        self.encode = encode
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        passes, row, _ = self.start
+        item = self.first_block
+        self.starts.clear()
+        while True:
+            any_row = False
+            for index, example in enumerate(self.source.skip(row) if row else self.source, start=row):
+                any_row = True
+                self._remember(item, (passes, index, 0))
+                self._remember(item + 1, (passes, index + 1, 0))
+                yield self.encode(example, index)
+                item += 1
+            if not any_row and row == 0:
+                return  # an empty stream
+            passes, row = passes + 1, 0
+
+
+class PackedStream(Stream):
+    """Blocks of `block_size` tokens cut from the concatenated token stream of `source`'s rows (the block run by
+    `pack` on a whole split, here one row at a time). Each column `tokenise` returns (input_ids, and for masked LM
+    special_tokens_mask / offset_mapping) is packed alike. The stream restarts when it runs out (another pass)."""
+
+    def __init__(self, source: Any, column: str, tokenise: Callable[[list[str]], dict[str, list]], block_size: int):
+        super().__init__(source)
+        self.column, self.tokenise, self.block_size = column, tokenise, block_size
 
     def __iter__(self) -> Iterator[dict[str, list]]:
         size = self.block_size

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import write_jsonl
+from conftest import sentences, tiny_recipe, write_jsonl
 from datasets import Dataset
 from test_bad_inputs import expect_exit_2
 from test_language_modeling import lm_data, lm_recipe, story, tiny_bert_mlm, tiny_gpt2  # noqa: F401 (fixtures)
@@ -78,13 +78,19 @@ def test_a_stream_resumed_at_a_recorded_position_continues_exactly(tiny_gpt2: Pa
         assert [next(again)["input_ids"] for _ in range(5)] == first[k : k + 5], k
 
 
-def test_a_run_killed_mid_stream_resumes_bit_identical(tiny_gpt2: Path, tmp_path: Path) -> None:
-    write_jsonl(tmp_path / "train.jsonl", uneven_texts(120))
-    write_jsonl(tmp_path / "validation.jsonl", uneven_texts(10))
-    raw = lm_recipe(tiny_gpt2, tmp_path, tmp_path / "unused", **{
-        "data.train.streaming": True, "lm.block_size": 16, "training.max_steps": 12, "training.batch_size": 4,
-        "training.save_every": 4, "training.logging_every": 1, "training.lr": 1e-3,
-    })  # fmt: skip
+@pytest.mark.parametrize("task", ["causal_lm", "classification"])
+def test_a_run_killed_mid_stream_resumes_bit_identical(task: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    settings = {"data.train.streaming": True, "training.max_steps": 12, "training.batch_size": 4,
+                "training.save_every": 4, "training.logging_every": 1, "training.lr": 1e-3}  # fmt: skip
+    if task == "causal_lm":
+        write_jsonl(tmp_path / "train.jsonl", uneven_texts(120))
+        write_jsonl(tmp_path / "validation.jsonl", uneven_texts(10))
+        raw = lm_recipe(request.getfixturevalue("tiny_gpt2"), tmp_path, tmp_path / "unused",
+                        **{**settings, "lm.block_size": 16})  # fmt: skip
+    else:  # 30 rows: the 12 steps of 4 make a second pass
+        write_jsonl(tmp_path / "train.jsonl", sentences(30, 1))
+        write_jsonl(tmp_path / "validation.jsonl", sentences(10, 2))
+        raw = tiny_recipe(request.getfixturevalue("tiny_bert"), tmp_path, tmp_path / "unused", **settings)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(raw))
     straight, killed = tmp_path / "straight", tmp_path / "killed"
@@ -105,8 +111,43 @@ def test_streaming_needs_max_steps_and_a_task_that_streams(
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(json.dumps(lm_recipe(tiny_gpt2, lm_data, tmp_path / "run", **{"data.train.streaming": True})))
     expect_exit_2(["train", str(recipe), "training.max_steps=null"], capsys, ["'data.train.streaming'", "max_steps"])
-    expect_exit_2(["train", str(recipe), "task=classification", "training.max_steps=4"], capsys,
+    expect_exit_2(["train", str(recipe), "task=question_answering", "training.max_steps=4"], capsys,
                   ["'data.train.streaming'", "does not stream", "causal_lm"])  # fmt: skip
     expect_exit_2(["train", str(recipe), "training.max_steps=4", "data.validation.streaming=true"], capsys,
                   ["'data.validation.streaming'", "only the training split"])  # fmt: skip
     assert not (tmp_path / "run").exists()
+
+
+def test_streamed_classification_rows_equal_the_split_and_a_later_bad_row_exits_2_naming_it(
+    tiny_bert: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from transformers import AutoTokenizer
+
+    from hf_finetune.tasks import classification
+
+    rows = sentences(60, 1)
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    write_jsonl(tmp_path / "validation.jsonl", sentences(10, 2))
+    raw = tiny_recipe(tiny_bert, tmp_path, tmp_path / "run", **{"data.train.streaming": True,
+                                                                "training.max_steps": 6, "training.batch_size": 8})
+    task = get_task(recipe_from_dict(raw))
+    task.setup(AutoTokenizer.from_pretrained(tiny_bert), Padding())
+    splits = {"train": load_split(SplitConfig(path=str(tmp_path / "train.jsonl"), streaming=True), "data.train"),
+              "validation": load_split(SplitConfig(path=str(tmp_path / "validation.jsonl")), "data.validation")}
+    from datasets import DatasetDict
+
+    task.prepare(DatasetDict(splits))
+    assert task.labels == ["neg", "pos"]
+    encoded = task.preprocess(DatasetDict(splits))
+    whole = task.preprocess(DatasetDict({"train": Dataset.from_list(rows)}))["train"]
+    streamed = [row for _, row in zip(range(len(rows)), encoded["train"], strict=False)]
+    assert [r["input_ids"] for r in streamed] == whole["input_ids"]
+    assert [r["labels"] for r in streamed] == whole["labels"]
+
+    # a label outside those of the first rows (and validation), found mid-training, names its row
+    monkeypatch.setattr(classification, "STREAM_CHECK_ROWS", 20)
+    rows[40]["label"] = "meh"
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    expect_exit_2(["train", str(recipe)], capsys, ["data.train row 40", "'meh'", "first 20 rows"])

@@ -10,10 +10,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from datasets import Dataset, DatasetDict
+from datasets import Dataset, DatasetDict, IterableDataset
 from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel
 
-from hf_finetune.data import require_columns
+from hf_finetune.data import require_columns, say
 from hf_finetune.device import RulePadding
 from hf_finetune.errors import InputError
 from hf_finetune.inference import batched_rows, gathered_outputs
@@ -24,6 +24,7 @@ from hf_finetune.metrics.classification.classification import (
     tune_thresholds,
 )
 from hf_finetune.sampling import eval_order
+from hf_finetune.streaming import RowStream
 from hf_finetune.tasks.base import TaskBase, example_ids
 
 if TYPE_CHECKING:
@@ -38,6 +39,7 @@ KINDS: dict[str, tuple[dict[str, bool], str]] = {
     MULTI: ({"eval_loss": False, "f1_micro": True, "f1_macro": True, "subset_accuracy": True}, "f1_micro"),
     REGRESSION: ({"eval_loss": False, "pearson": True, "spearman": True, "mse": False}, "pearson"),
 }
+STREAM_CHECK_ROWS = 1000  # rows of a streamed training split that decide its problem type, labels and prior
 
 
 class ClassificationTask(TaskBase):
@@ -49,6 +51,7 @@ class ClassificationTask(TaskBase):
     primary_metric = "accuracy"
     peft_task_type = "SEQ_CLS"
     default_max_length = 128
+    streams = True
     # BERT's pooler counts as head: sentence-embedding checkpoints such as all-MiniLM-L6-v2 never trained it (they
     # mean-pool), so with it frozen a prefix or prompt has to work through a random projection. Its Linear, not the
     # BertPooler module, because PEFT's IA3 merge can only unwrap modules that have a weight.
@@ -105,6 +108,9 @@ class ClassificationTask(TaskBase):
         self.metrics, self.primary_metric = KINDS[kind]
 
     def prepare(self, raw: DatasetDict) -> None:
+        streamed = isinstance(raw["train"], IterableDataset)
+        if streamed:  # its first rows stand for it (it is never read whole); every later row is checked as it comes
+            raw = DatasetDict({**raw, "train": Dataset.from_list(list(raw["train"].take(STREAM_CHECK_ROWS)))})
         cols = {"text": self.columns.text, "text_pair": self.columns.text_pair, "label": self.columns.label}
         for split in raw:
             require_columns(raw[split], cols, split)
@@ -125,6 +131,8 @@ class ClassificationTask(TaskBase):
             return
         if not self.labels:  # restored from a checkpoint otherwise
             self._labels_from_train(raw)
+            if streamed:
+                self._labels_from_evaluation(raw)
             if self.problem_type == MULTI:
                 counts = dict.fromkeys(self.labels, 0)
                 for values in raw["train"][self.columns.label]:
@@ -144,6 +152,21 @@ class ClassificationTask(TaskBase):
                     raise InputError(
                         f"data.{split} row {row}: label {unknown[0]!r} not among the training labels {self.labels}"
                     )
+
+    def _labels_from_evaluation(self, raw: DatasetDict) -> None:
+        """A streamed training split shows only its first rows: the evaluation splits' labels join the set, which a
+        later training row outside it then fails on, naming the row."""
+        found = set(self.labels)
+        for split in raw:
+            if split != "train":
+                values = raw[split][self.columns.label]
+                found |= {v for x in values for v in (x if isinstance(x, list) else [x]) if v is not None}
+        try:
+            self.labels = sorted(found)
+        except TypeError as err:
+            raise InputError(f"data: column {self.columns.label!r} mixes label types across splits") from err
+        say(f"data.train: streamed; labels from its first {STREAM_CHECK_ROWS} rows and the evaluation splits: "
+            f"{self.labels}")  # fmt: skip
 
     def _kind_of(self, train: Any) -> str:
         """The problem type the label column implies: lists are multi-label, floats regression, else classes. A
@@ -165,8 +188,8 @@ class ClassificationTask(TaskBase):
             return REGRESSION
         return SINGLE
 
-    def _check_scores(self, values: list[Any], split: str) -> None:
-        for row, value in enumerate(values):
+    def _check_scores(self, values: list[Any], split: str, first_row: int = 0) -> None:
+        for row, value in enumerate(values, start=first_row):
             if isinstance(value, bool) or not isinstance(value, int | float) or not np.isfinite(value):
                 raise InputError(
                     f"data.{split} row {row}: regression target {self.columns.label!r} is not a number: {value!r}"
@@ -275,9 +298,31 @@ class ClassificationTask(TaskBase):
             encoded["length"] = [len(x) for x in encoded["input_ids"]]
             return encoded
 
+        def encode_row(row: dict[str, Any], index: int) -> dict[str, Any]:
+            """A streamed training row, checked as `prepare` checks a whole split."""
+            where = f"data.train row {index}"
+            for key, column in (("text", self.columns.text), ("text_pair", self.columns.text_pair)):
+                if column and (not isinstance(row.get(column), str) or not row[column].strip()):
+                    raise InputError(f"{where}: column {column!r} (data.columns.{key}) is empty or not text")
+            value = row.get(label_col)
+            if self.problem_type == REGRESSION:
+                self._check_scores([value], "train", first_row=index)
+            else:
+                values = value if self.problem_type == MULTI and isinstance(value, list) else [value]
+                if self.problem_type == MULTI and not isinstance(value, list):
+                    raise InputError(f"{where}: multi-label rows hold a list of labels, got {value!r}")
+                unknown = [v for v in values if v not in ids]
+                if unknown:
+                    raise InputError(f"{where}: label {unknown[0]!r} not among the labels {self.labels} (those of "
+                                     f"the stream's first {STREAM_CHECK_ROWS} rows and the evaluation splits)")  # fmt: skip
+            encoded = encode({k: [v] for k, v in row.items()})
+            return {k: v[0] for k, v in encoded.items() if k != "length"}
+
         encoded = DatasetDict(
             {
-                split: ds.map(
+                split: RowStream(ds, encode_row)
+                if isinstance(ds, IterableDataset)
+                else ds.map(
                     encode,
                     batched=True,
                     remove_columns=ds.column_names,
