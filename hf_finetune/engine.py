@@ -191,7 +191,10 @@ def _setup(recipe: Recipe, overwrite: bool, accelerator: Accelerator, settings: 
     resolved = {
         **recipe.to_dict(),
         "method": cfg.__dict__,
-        "training": {**t.__dict__, "lr": lr, "warmup_ratio": warmup_ratio},
+        "training": {
+            **t.__dict__, "lr": lr, "warmup_ratio": warmup_ratio,
+            "group_by_length": task.group_by_length if t.group_by_length is None else t.group_by_length,
+        },  # fmt: skip
     }
     resumed: dict[str, Any] = {"step": 0, "running_loss": 0.0, "micro_batches": 0}
     if resume_from is not None:

@@ -204,8 +204,9 @@ class TrainingConfig:
     gradient_checkpointing: bool = False
     """Recompute each layer's activations in the backward pass instead of keeping them: less memory for longer
     sequences or bigger batches, at about a third more compute per step (docs/benchmarks.md)."""
-    group_by_length: bool = True
-    """Batch examples of similar length together (less padding, same randomness per epoch)."""
+    group_by_length: bool | None = None
+    """Batch examples of similar length together (less padding, same randomness per epoch). Default: the task's own,
+    on except for token classification, whose short rows are of a kind (docs/benchmarks.md, "length grouping")."""
     eval_every: int | None = None
     """Evaluate every N optimizer steps (null: only at the end)."""
     save_every: int | None = None

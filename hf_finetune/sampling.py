@@ -99,7 +99,8 @@ def build_loaders(task: Task, encoded: Any, t: TrainingConfig, world: int) -> tu
             train_set, global_batch, collate_fn=collate, generator=torch.Generator().manual_seed(t.seed)
         )
     else:
-        sampler = LengthGroupedSampler(train_set["length"], global_batch * t.grad_accum, t.seed, t.group_by_length)
+        group = task.group_by_length if t.group_by_length is None else t.group_by_length
+        sampler = LengthGroupedSampler(train_set["length"], global_batch * t.grad_accum, t.seed, group)
         train_loader = DataLoader(
             train_set.remove_columns("length"), global_batch, sampler=sampler, collate_fn=collate,
             generator=torch.Generator().manual_seed(t.seed),

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import build_tiny_bert, write_jsonl
+from datasets import Dataset
 from seqeval.metrics import classification_report
 from seqeval.metrics import f1_score as seqeval_f1
 from test_bad_inputs import expect_exit_2
@@ -348,3 +349,17 @@ def test_compare_ranks_token_classification_runs_by_entity_f1(ner_bert: Path, ne
     for row in data["runs"]:
         results = json.loads((tmp_path / "cmp" / row["method"] / "seed1" / "results.json").read_text())
         assert row["quality"] == results["metrics"]["f1"]
+
+
+def test_batches_are_not_grouped_by_length_unless_asked(ner_bert: Path, ner_data: Path, tmp_path: Path) -> None:
+    from hf_finetune.sampling import build_loaders
+
+    for override, grouped in ((None, False), (True, True)):
+        extra = {} if override is None else {"training.group_by_length": override}
+        task = task_for(ner_bert, ner_data, tmp_path, **extra)
+        encoded = {"train": Dataset.from_dict({"input_ids": [[1]] * 8, "length": [1] * 8})}
+        loader, _ = build_loaders(task, encoded, task.recipe.training, world=1)
+        assert loader.sampler.group_by_length is grouped
+    out = tmp_path / "run"
+    engine.train(recipe_from_dict(ner_recipe(ner_bert, ner_data, out, **{"training.max_steps": 1})))
+    assert json.loads((out / "recipe.resolved.json").read_text())["training"]["group_by_length"] is False

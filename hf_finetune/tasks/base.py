@@ -57,6 +57,8 @@ class Task(Protocol):
     """The task can read its training split as a stream (`data.train.streaming`)."""
     pipeline_tag: ClassVar[str]
     """The Hugging Face Hub's pipeline tag for this task's models (the model card's `pipeline_tag`)."""
+    group_by_length: ClassVar[bool]
+    """Default of `training.group_by_length` for this task."""
     auto_class: str
     """The transformers Auto class that loads this task's saved models (e.g. AutoModelForSequenceClassification)."""
 
@@ -126,6 +128,7 @@ class TaskBase:
     streams: ClassVar[bool] = False
     pipeline_tag: ClassVar[str] = ""
     auto_class: str = "AutoModel"
+    group_by_length: ClassVar[bool] = True
 
     def __init__(self, recipe: Recipe) -> None:
         self.recipe = recipe

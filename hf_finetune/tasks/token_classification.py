@@ -61,6 +61,9 @@ class TokenClassificationTask(TaskBase):
     name = "token_classification"
     pipeline_tag = "token-classification"
     auto_class = "AutoModelForTokenClassification"
+    # CoNLL's short rows are headlines and score tables: batches of one length are of one kind, and LoRA lost 8 points
+    # of entity F1 to it (docs/benchmarks.md, "length grouping")
+    group_by_length = False
     metrics = {"eval_loss": False, "f1": True, "precision": True, "recall": True, "accuracy": True}
     primary_metric = "f1"
     peft_task_type = "TOKEN_CLS"
