@@ -1,4 +1,4 @@
-"""`hf-finetune train | eval | predict | compare | merge | average | generate | make-tiny`: argument parsing only; the work lives in the modules it calls."""
+"""`hf-finetune train | eval | predict | compare | merge | average | generate | chat | make-tiny`: argument parsing only; the work lives in the modules it calls."""
 
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ EPILOG = """examples:
   hf-finetune train recipes/question_answering/squad.yaml output_dir=runs/squad
   hf-finetune train recipes/language_modeling/gpt_pretrain.yaml output_dir=runs/gpt
   hf-finetune generate runs/gpt --prompt "It was" --max-new-tokens 40 --temperature 0.8 --top-p 0.95
+  hf-finetune train recipes/chat/gsm8k.yaml output_dir=runs/gsm8k
+  hf-finetune chat runs/gsm8k --system "Solve step by step."
   hf-finetune make-tiny --arch gpt2 --output tiny-gpt2
   hf-finetune train recipes/translation/multi30k_en_de.yaml output_dir=runs/multi30k
 
@@ -110,6 +112,21 @@ def build_parser() -> argparse.ArgumentParser:
                           help="autocast dtype, as training.precision (on a GPU when there is one)")  # fmt: skip
     generate.add_argument("--seed", type=int, default=0, help="sampling seed: the same seed gives the same text")
     generate.add_argument("--batch-size", type=int, default=16)
+
+    chat = sub.add_parser(
+        "chat", help="talk to a chat run (or any HF folder with a chat template), or answer JSONL conversations"
+    )
+    chat.add_argument("checkpoint")
+    chat.add_argument("--system", help="system prompt at the start of every conversation")
+    chat.add_argument("--input", help="JSONL of conversations ('messages' ending with the user, or 'prompt'); "
+                      "batch mode, needs --output")  # fmt: skip
+    chat.add_argument("--output", help="JSONL written with a 'response' field added to each input row")
+    chat.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's chat.max_new_tokens")
+    chat.add_argument("--temperature", type=float, default=0.0, help="0: greedy; >0: sampling")
+    chat.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
+    chat.add_argument("--precision", choices=("fp32", "bf16", "fp16", "auto"), default="fp32",
+                      help="autocast dtype, as training.precision (on a GPU when there is one)")  # fmt: skip
+    chat.add_argument("--seed", type=int, default=0, help="sampling seed: the same seed gives the same text")
 
     tiny = sub.add_parser("make-tiny", help="write a tiny random-init model and a tokenizer trained on local text")
     tiny.add_argument("--arch", required=True, choices=("bert", "gpt2", "llama", "roberta", "t5", "bart", "marian"))
@@ -289,6 +306,33 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    import torch
+
+    from hf_finetune.chatting import answer_rows, interactive, load_chat, sampling_options
+    from hf_finetune.inference import inference_setup
+
+    if args.input and not args.output:
+        raise InputError("chat --input needs --output")
+    options = sampling_options(args.temperature, args.top_p, args.max_new_tokens)
+    rows = read_jsonl(Path(args.input)) if args.input else None
+    task, model = load_chat(args.checkpoint)
+    model, autocast = inference_setup(model, args.precision)
+    torch.manual_seed(args.seed)
+    with autocast():
+        if rows is None:
+            interactive(task, model, args.system, options)
+            return 0
+        replies = answer_rows(task, model, rows, args.system, options)
+    out = Path(args.output)
+    tmp = out.with_name(f".{out.name}.tmp")
+    with tmp.open("w") as f:
+        for row, reply in zip(rows, replies, strict=True):
+            f.write(json.dumps({**row, "response": reply}) + "\n")
+    tmp.replace(out)
+    return 0
+
+
 def cmd_make_tiny(args: argparse.Namespace) -> int:
     from hf_finetune.scratch import TINY_CORPUS, Dims, write_scratch_model
 
@@ -334,5 +378,6 @@ COMMANDS = {
     "merge": cmd_merge,
     "average": cmd_average,
     "generate": cmd_generate,
+    "chat": cmd_chat,
     "make-tiny": cmd_make_tiny,
 }

@@ -38,7 +38,7 @@ from hf_finetune.device import cpu_process_settings, make_accelerator, padding_f
 from hf_finetune.errors import InputError, Stopped
 from hf_finetune.hub import check_model, count_parameters, load_tokenizer, model_key, resolve_model
 from hf_finetune.losses import smoothed_token_loss
-from hf_finetune.methods import Method, TaskInfo, build_optimizer, get_method
+from hf_finetune.methods import METHODS, Method, TaskInfo, build_optimizer, get_method
 from hf_finetune.recipe import MethodConfig, Recipe
 from hf_finetune.sampling import Schedule, build_loaders, make_schedule
 from hf_finetune.scratch import build_from_scratch
@@ -151,6 +151,12 @@ def _setup(recipe: Recipe, overwrite: bool, accelerator: Accelerator, settings: 
     check_model(model_path, recipe, task, method, padding)
     tokenizer = load_tokenizer(model_path, recipe)
     task.setup(tokenizer, padding)
+    if task.new_token_ids and not (method.saves_whole_model or method.trains_new_tokens):
+        able = ", ".join(n for n, m in METHODS.items() if m.saves_whole_model or m.trains_new_tokens)
+        raise InputError(
+            f"method.name: {method.name} cannot train the {len(task.new_token_ids)} tokens the chat template adds to "
+            f"the tokenizer; use {able}, or a template whose tokens the tokenizer has"
+        )
     with accelerator.main_process_first():  # one process tokenises, the others read datasets' cache
         encoded = task.preprocess(raw)
     stream = encoded["train"] if isinstance(encoded["train"], Stream) else None
@@ -167,7 +173,7 @@ def _setup(recipe: Recipe, overwrite: bool, accelerator: Accelerator, settings: 
         model.config.pad_token_id = tokenizer.pad_token_id
     if t.gradient_checkpointing:
         enable_gradient_checkpointing(model, method.name)
-    model = method.apply(model, cfg, TaskInfo(task.peft_task_type, task.head_modules, schedule.total_steps))
+    model = method.apply(model, cfg, TaskInfo(task.peft_task_type, task.head_modules, schedule.total_steps, task.new_token_ids))
     if accelerator.device.type == "cpu" and t.cpu_tuning == "auto":
         tune_model_for_cpu(model, accelerator.mixed_precision, compiling=t.compile)
     trainable, total = count_parameters(model)

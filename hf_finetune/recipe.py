@@ -121,6 +121,13 @@ class ColumnsConfig:
     references: str | None = None
     """Translation/summarization: column holding a list of references per example, used for scoring evaluation splits
     when present in them (default: the target alone)."""
+    messages: str = "messages"
+    """Chat: column holding each conversation, a list of `{role, content}` (roles system, user, assistant)."""
+    prompt: str = "prompt"
+    """Chat: single-turn rows without a messages column: the user's text (Alpaca's `instruction` + `input` when the
+    rows have those columns instead)."""
+    response: str = "response"
+    """Chat: single-turn rows: the assistant's answer (Alpaca's `output`)."""
 
 
 @dataclass
@@ -292,6 +299,31 @@ class TokenClassificationConfig:
 
 
 @dataclass
+class ChatConfig:
+    """Instruction tuning on conversations (`task: chat`): the chat template, which tokens carry loss, packing and
+    generation-based evaluation."""
+
+    template: str | None = None
+    """`chatml`, `llama3`, `zephyr` or a `.jinja` file; default: the tokenizer's own `chat_template` (required when it
+    has none). It is saved into the output tokenizer, so the model chats with plain transformers."""
+    train_on: Literal["assistant", "all", "last_assistant"] = "assistant"
+    """Tokens that carry loss: every assistant turn (content and its end-of-turn token), the whole conversation, or
+    the last assistant turn only."""
+    packing: bool = False
+    """Concatenate conversations into `training.max_length` blocks, each with positions restarting at 0 and attention
+    that cannot cross into its neighbours (transformers' packed sequences through `position_ids`)."""
+    system: str | None = None
+    """A system prompt put in front of conversations that have none."""
+    eval_generate: int = 0
+    """Generate answers for the first N validation conversations (their last assistant turn) and score them:
+    exact match of `answer_pattern`'s group when the recipe gives one, else ROUGE-L."""
+    answer_pattern: str | None = None
+    """Regex whose first group is a text's final answer, e.g. GSM8K's `####\\s*(.+)`."""
+    max_new_tokens: int = 256
+    """Generation budget for evaluation and `hf-finetune chat`."""
+
+
+@dataclass
 class QAConfig:
     """Extractive question answering (SQuAD-style); the defaults are those of transformers' run_qa.py."""
 
@@ -371,6 +403,8 @@ class Recipe:
     """Language modelling only: packing and masking."""
     seq2seq: Seq2SeqConfig = field(default_factory=Seq2SeqConfig)
     """Translation and summarization only: lengths and generation."""
+    chat: ChatConfig = field(default_factory=ChatConfig)
+    """Chat only: template, loss mask, packing and generation."""
     compare: CompareConfig = field(default_factory=CompareConfig)
     """`hf-finetune compare` only: methods, seeds and per-method overrides."""
     output_dir: str = "runs/default"

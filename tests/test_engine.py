@@ -52,9 +52,12 @@ def train_capturing(raw: dict) -> tuple[dict, torch.nn.Module, dict]:
     return results, model, before
 
 
-def check_trained_parameters(method: str, model: torch.nn.Module, before: dict[str, torch.Tensor]) -> None:
-    """Exactly the parameters `method` may train (TRAINABLE) require grad and changed; every other one is bit-identical."""
-    allowed = TRAINABLE[method]
+def check_trained_parameters(
+    method: str, model: torch.nn.Module, before: dict[str, torch.Tensor], allowed: tuple[str, ...] | None = None
+) -> None:
+    """Exactly the parameters `method` may train (`allowed`, default TRAINABLE's) require grad and changed; every
+    other one is bit-identical."""
+    allowed = allowed or TRAINABLE[method]
     for name, param in model.named_parameters():
         # PEFT keeps a frozen copy of each fully trained head module beside the trained one
         intended = any(key in name for key in allowed) and "original_module" not in name

@@ -40,6 +40,8 @@ class TaskInfo:
     """Freshly initialised (or never task-trained) modules, trained in full with every method."""
     total_steps: int = 1
     """The run's optimizer steps (AdaLoRA's schedule is given in steps)."""
+    new_token_ids: tuple[int, ...] = ()
+    """Tokens the task added to the vocabulary (a chat template's), whose embedding rows must train."""
 
 
 def peft_common(task: TaskInfo, heads: list[str]) -> dict[str, Any]:
@@ -62,6 +64,8 @@ class Method:
     """The final model folder is a whole model, not an adapter over a base model."""
     adds_loss_term: bool = False
     """The wrapped model adds a term of its own to the task loss (AdaLoRA's orthogonality penalty)."""
+    trains_new_tokens: bool = False
+    """The method can train the embedding rows of tokens a task adds (PEFT's `trainable_token_indices`)."""
     no_gradient_checkpointing: str | None = None
     """Why the method cannot train with `training.gradient_checkpointing` (None: it can)."""
     in_default_comparison: bool = False

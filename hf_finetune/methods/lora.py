@@ -25,6 +25,7 @@ class LoRA(Method):
     mergeable = True
     in_default_comparison = True
     use_dora = False
+    trains_new_tokens = True
 
     def peft_config(self, cfg: MethodConfig, task: TaskInfo, heads: list[str]) -> LoraConfig:
         return LoraConfig(
@@ -34,6 +35,8 @@ class LoRA(Method):
             lora_dropout=cfg.dropout,
             target_modules=cfg.target_modules,
             use_dora=self.use_dora,
+            # the new rows only (and the tied output rows with them), not the whole embedding matrix
+            trainable_token_indices=list(task.new_token_ids) or None,
         )
 
     def budget_overrides(self, cfg: MethodConfig) -> list[str]:

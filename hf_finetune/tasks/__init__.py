@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from hf_finetune.device import Padding
 from hf_finetune.tasks.base import PositionBudget, Task
+from hf_finetune.tasks.chat import ChatTask
 from hf_finetune.tasks.classification import ClassificationTask
 from hf_finetune.tasks.language_modeling import LanguageModelingTask, MaskedLanguageModelingTask
 from hf_finetune.tasks.question_answering import QuestionAnsweringTask
@@ -29,6 +30,7 @@ TASKS: dict[str, type[Task]] = {
     "masked_lm": MaskedLanguageModelingTask,
     "translation": TranslationTask,
     "summarization": SummarizationTask,
+    "chat": ChatTask,
 }
 TASK_NAMES = tuple(TASKS)
 DEFAULT_TASK = ClassificationTask.name

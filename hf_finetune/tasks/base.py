@@ -59,6 +59,8 @@ class Task(Protocol):
     """The Hugging Face Hub's pipeline tag for this task's models (the model card's `pipeline_tag`)."""
     group_by_length: ClassVar[bool]
     """Default of `training.group_by_length` for this task."""
+    new_token_ids: tuple[int, ...]
+    """Tokens `setup` added to the tokenizer (a chat template's), whose embedding rows must train."""
     auto_class: str
     """The transformers Auto class that loads this task's saved models (e.g. AutoModelForSequenceClassification)."""
 
@@ -129,6 +131,7 @@ class TaskBase:
     pipeline_tag: ClassVar[str] = ""
     auto_class: str = "AutoModel"
     group_by_length: ClassVar[bool] = True
+    new_token_ids: tuple[int, ...] = ()
 
     def __init__(self, recipe: Recipe) -> None:
         self.recipe = recipe
