@@ -108,17 +108,20 @@ def command_line() -> str | None:
     return shlex.join(["hf-finetune", *sys.argv[1:]])
 
 
-def write_model_card(folder: Path, recipe: Recipe, results: dict[str, Any]) -> None:
-    """`folder/README.md`, replacing the stub PEFT's save_pretrained leaves there; written whole or not at all."""
+def write_model_card(folder: Path, recipe: Recipe, results: dict[str, Any], notes: list[str] | None = None) -> None:
+    """`folder/README.md`, replacing the stub PEFT's save_pretrained leaves there; written whole or not at all.
+    `notes`: the task's own lines for the Training section (e.g. a chat template's added tokens)."""
     from hf_finetune.checkpoint import disk_errors
 
     target, tmp = folder / "README.md", folder / ".README.md.tmp"
     with disk_errors(target, tmp):
-        tmp.write_text(model_card(folder, recipe, results, command_line()))
+        tmp.write_text(model_card(folder, recipe, results, command_line(), notes))
         os.replace(tmp, target)
 
 
-def model_card(folder: Path, recipe: Recipe, results: dict[str, Any], command: str | None = None) -> str:
+def model_card(
+    folder: Path, recipe: Recipe, results: dict[str, Any], command: str | None = None, notes: list[str] | None = None
+) -> str:
     """The card's text for the model saved in `folder` by the run that produced `results`."""
     t, method = recipe.training, results["method"]
     base = None if recipe.model.from_scratch is not None else recipe.model.name_or_path
@@ -164,6 +167,7 @@ def model_card(folder: Path, recipe: Recipe, results: dict[str, Any], command: s
     ]
     if results.get("final_model"):
         lines.append(f"- final model: {results['final_model']}")
+    lines += [f"- {note}" for note in notes or []]
     lines += ["", "## Results", "", "| split | " + " | ".join(meta["metrics"]) + " |",
               "|---|" + "---|" * len(meta["metrics"])]  # fmt: skip
     for split, key in (("validation", "metrics"), ("test", "test_metrics")):

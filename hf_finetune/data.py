@@ -82,6 +82,8 @@ def load_split(split: SplitConfig, where: str) -> Dataset:
             raise InputError(
                 f"{where}: could not load Hub dataset {split.name!r}: {str(err).splitlines()[0]}"
             ) from err
+    if split.skip:
+        dataset = dataset.select(range(min(split.skip, len(dataset)), len(dataset)))
     if split.max_samples is not None:
         dataset = dataset.select(range(min(split.max_samples, len(dataset))))
     if len(dataset) == 0:
@@ -109,6 +111,8 @@ def _stream(split: SplitConfig, local: Path | None, where: str) -> datasets.Iter
             )
         except Exception as err:  # the Hub raises many types; all mean "this name cannot be had here"
             raise InputError(f"{where}: could not stream Hub dataset {split.name!r}: {str(err).splitlines()[0]}") from err
+    if split.skip:
+        stream = stream.skip(split.skip)
     if split.max_samples is not None:
         stream = stream.take(split.max_samples)
     if next(iter(stream), None) is None:

@@ -545,7 +545,7 @@ def finish(run: Run, state: LoopState) -> dict[str, Any]:
     if acc.is_main_process:
         base = run.model_path if recipe.model.from_scratch or recipe.model.encoder_decoder_from else None
         checkpoint.save_final(run.unwrapped, run.tokenizer, run.task, recipe, run.method, out / "model", full_state, base)
-        write_model_card(out / "model", recipe, results)
+        write_model_card(out / "model", recipe, results, run.task.card_notes())
         checkpoint.write_json_atomic(out / "results.json", results)
     acc.wait_for_everyone()  # tear the process group down together, not while process 0 still writes
     if world > 1:

@@ -82,8 +82,11 @@ class SplitConfig:
     """Hub dataset configuration (e.g. `sst2`)."""
     split: str | None = None
     """Hub split name (e.g. `validation`), or the split inside a `save_to_disk` DatasetDict."""
+    skip: int | None = None
+    """Drop the first N rows (before `max_samples`): with `max_samples: N` on another split of the same file, a
+    deterministic hold-out, e.g. a validation slice of a training file."""
     max_samples: int | None = None
-    """Keep only the first N rows (after loading, before shuffling)."""
+    """Keep only the first N rows (after loading and `skip`, before shuffling)."""
     streaming: bool = False
     """Training split only, language-modelling and classification tasks: read the rows as a stream (`datasets`
     streaming, local files or the Hub), tokenised (and for language modelling packed) on the fly, never all in memory.
@@ -601,6 +604,7 @@ def _check_values(recipe: Recipe) -> list[str]:
         split = getattr(recipe.data, split_name)
         if split is not None:
             positive[f"data.{split_name}.max_samples"] = split.max_samples
+            positive[f"data.{split_name}.skip"] = split.skip
             if split.streaming and split_name != "train":
                 problems.append(f"'data.{split_name}.streaming': only the training split streams")
             elif split.streaming and not task.streams:

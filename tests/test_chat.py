@@ -226,6 +226,8 @@ def test_template_tokens_train_with_lora_and_the_folder_chats_with_plain_transfo
     assert tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"] == task.render(
         messages, "row"
     )[0]
+    card = (out / "model" / "README.md").read_text()
+    assert "`<|im_start|>`, `<|im_end|>`" in card and "trainable tokens" in card
     plain = AutoPeftModelForCausalLM.from_pretrained(out / "model").eval()
     inputs = tokenizer.apply_chat_template(messages, return_tensors="pt", return_dict=True)
     with torch.no_grad():

@@ -55,6 +55,12 @@ def test_every_local_format_loads_the_same_rows(fmt: str, tmp_path: Path) -> Non
 def test_max_samples_and_empty_split(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "d.jsonl", ROWS)
     assert len(load_split(SplitConfig(path=str(path), max_samples=3), "data.train")) == 3
+    # skip then max_samples: a hold-out and the rest of one file, disjoint and together the whole
+    held = load_split(SplitConfig(path=str(path), max_samples=2), "data.validation").to_list()
+    rest = load_split(SplitConfig(path=str(path), skip=2), "data.train").to_list()
+    assert held + rest == ROWS and held == ROWS[:2]
+    streamed = load_split(SplitConfig(path=str(path), skip=2, streaming=True), "data.train")
+    assert list(streamed) == rest
     empty = tmp_path / "empty.csv"
     empty.write_text("text,label\n")
     with pytest.raises(InputError, match="data.validation: split is empty"):

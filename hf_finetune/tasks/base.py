@@ -109,6 +109,9 @@ class Task(Protocol):
 
     def predict(self, model: torch.nn.Module, rows: list[dict]) -> list[dict]: ...
 
+    def card_notes(self) -> list[str]:
+        """Lines the model card's Training section adds for this task (what a user of the folder must know)."""
+
     def checkpoint_info(self) -> dict[str, Any]:
         """What a saved checkpoint needs besides weights to rebuild this task (e.g. the label set)."""
 
@@ -159,6 +162,9 @@ class TaskBase:
 
     def position_budget(self, config: Any) -> PositionBudget:
         return PositionBudget("training.max_length", self.max_length)
+
+    def card_notes(self) -> list[str]:
+        return []
 
     def checkpoint_info(self) -> dict[str, Any]:
         return {}

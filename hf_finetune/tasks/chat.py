@@ -431,6 +431,20 @@ class ChatTask(TaskBase):
 
     # ---- checkpoints ---------------------------------------------------------------------------------------------
 
+    def card_notes(self) -> list[str]:
+        template = self.cfg.template or "the tokenizer's own"
+        notes = [f"chat template: {template}, saved in tokenizer_config.json (`tokenizer.apply_chat_template` renders "
+                 f"prompts as in training); loss on {self.cfg.train_on.replace('_', ' ')} tokens"
+                 + (", conversations packed" if self.cfg.packing else "")]  # fmt: skip
+        if self.new_token_ids:
+            tokens = ", ".join(f"`{t}`" for t in self.tokenizer.convert_ids_to_tokens(list(self.new_token_ids)))
+            notes.append(
+                f"tokens added for the template: {tokens}; the embeddings were resized and their rows trained (in full "
+                "fine-tuning with everything else; with LoRA as PEFT trainable tokens, saved in the adapter). A base "
+                "model loaded without this tokenizer lacks them"
+            )
+        return notes
+
     def checkpoint_info(self) -> dict[str, Any]:
         return {"template_tokens_added": len(self.new_token_ids)}
 

@@ -108,7 +108,7 @@ class ClassificationTask(TaskBase):
         self.metrics, self.primary_metric = KINDS[kind]
 
     def prepare(self, raw: DatasetDict) -> None:
-        streamed = isinstance(raw["train"], IterableDataset)
+        streamed = isinstance(raw.get("train"), IterableDataset)
         if streamed:  # its first rows stand for it (it is never read whole); every later row is checked as it comes
             raw = DatasetDict({**raw, "train": Dataset.from_list(list(raw["train"].take(STREAM_CHECK_ROWS)))})
         cols = {"text": self.columns.text, "text_pair": self.columns.text_pair, "label": self.columns.label}
