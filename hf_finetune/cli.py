@@ -211,7 +211,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from hf_finetune.checkpoint import load_final
+    from hf_finetune.checkpoint import load_final, write_jsonl_atomic
     from hf_finetune.inference import inference_setup
     from hf_finetune.recipe import load_recipe
 
@@ -222,12 +222,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     model, autocast = inference_setup(model, recipe.training.precision)
     with autocast():
         predictions = task.predict(model, rows)
-    out = Path(args.output)
-    tmp = out.with_name(f".{out.name}.tmp")
-    with tmp.open("w") as f:
-        for row, pred in zip(rows, predictions, strict=True):
-            f.write(json.dumps({**row, **pred}) + "\n")
-    tmp.replace(out)
+    write_jsonl_atomic(Path(args.output), [{**row, **pred} for row, pred in zip(rows, predictions, strict=True)])
     return 0
 
 
@@ -277,6 +272,7 @@ def cmd_average(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from hf_finetune.checkpoint import write_jsonl_atomic
     from hf_finetune.inference import inference_setup
     from hf_finetune.tasks.language_modeling import generate, load_generator
 
@@ -297,12 +293,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not args.input:
         print(args.prompt + texts[0])
         return 0
-    out = Path(args.output)
-    tmp = out.with_name(f".{out.name}.tmp")
-    with tmp.open("w") as f:
-        for row, text in zip(rows, texts, strict=True):
-            f.write(json.dumps({**row, "generated": text}) + "\n")
-    tmp.replace(out)
+    write_jsonl_atomic(Path(args.output), [{**row, "generated": t} for row, t in zip(rows, texts, strict=True)])
     return 0
 
 
@@ -310,6 +301,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     import torch
 
     from hf_finetune.chatting import answer_rows, interactive, load_chat, sampling_options
+    from hf_finetune.checkpoint import write_jsonl_atomic
     from hf_finetune.inference import inference_setup
 
     if args.input and not args.output:
@@ -324,12 +316,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             interactive(task, model, args.system, options)
             return 0
         replies = answer_rows(task, model, rows, args.system, options)
-    out = Path(args.output)
-    tmp = out.with_name(f".{out.name}.tmp")
-    with tmp.open("w") as f:
-        for row, reply in zip(rows, replies, strict=True):
-            f.write(json.dumps({**row, "response": reply}) + "\n")
-    tmp.replace(out)
+    write_jsonl_atomic(Path(args.output), [{**row, "response": r} for row, r in zip(rows, replies, strict=True)])
     return 0
 
 
