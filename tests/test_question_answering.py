@@ -405,6 +405,8 @@ def test_cli_predictions_scored_by_the_official_algorithm_equal_our_metric(
     # eval's rows are training's: the same answer to every question
     rows = [json.loads(x) for x in (tmp_path / "eval" / "validation.jsonl").read_text().splitlines()]
     assert [(r["id"], r["prediction"]) for r in rows] == [(r["id"], r["prediction"]) for r in saved]
+    # and predict's: answer by answer, not only on average
+    assert [r["answer"] for r in predicted] == [r["prediction"] for r in saved]
 
 
 def test_version_2_trains_with_unanswerable_questions_and_reports_the_splits(
