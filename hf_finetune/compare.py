@@ -27,6 +27,7 @@ from hf_finetune.errors import InputError
 from hf_finetune.methods import get_method
 from hf_finetune.methods.registry import COMPARED_BY_DEFAULT
 from hf_finetune.recipe import Recipe, apply_override, read_recipe, recipe_from_dict
+from hf_finetune.significance import paired_bootstrap, t_interval, verdict
 from hf_finetune.tasks import TASKS
 
 # columns of the per-run table, in order; every value comes from the run's results.json (or its model folder)
@@ -209,8 +210,57 @@ def summarise(rows: list[dict[str, Any]], methods: list[str]) -> list[dict[str, 
             if values:
                 entry[key] = statistics.fmean(values)
                 entry[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        qualities = [float(r["quality"]) for r in done if r.get("quality") is not None]
+        if qualities:
+            _, low, high = t_interval(qualities)
+            entry["quality_ci"] = [low, high]
         summary.append(entry)
     return summary
+
+
+def prediction_rows(run: Run, split: str = "validation") -> dict[str, dict] | None:
+    """The run's saved predictions of `split`, keyed by example id (None where the run wrote none)."""
+    path = run.out / "predictions" / f"{split}.jsonl"
+    if run.status == "failed" or not path.is_file():
+        return None
+    return {json.dumps(r["id"]): r for r in map(json.loads, path.read_text().splitlines())}
+
+
+def paired_against_best(
+    task: str, runs: list[Run], summary: list[dict[str, Any]], primary: str, sign: float
+) -> list[dict[str, Any]]:
+    """Every method against the best one (by mean quality): the paired bootstrap of the difference over the
+    validation examples both scored, on the seeds both completed, and its verdict."""
+    ranked = [s for s in summary if s.get("quality") is not None]
+    if len(ranked) < 2:
+        return []
+    best = max(ranked, key=lambda s: sign * s["quality"])["method"]
+    higher = sign > 0
+    by_key = {(r.method, r.seed): r for r in runs}
+    out = []
+    for entry in ranked:
+        name = entry["method"]
+        if name == best:
+            continue
+        seeds = [seed for seed in entry["seeds"] if seed in next(s for s in ranked if s["method"] == best)["seeds"]]
+        tables = {(m, seed): prediction_rows(by_key[(m, seed)]) for m in (name, best) for seed in seeds}
+        result: dict[str, Any] = {"method": name, "against": best, "metric": primary, "seeds": seeds}
+        if not seeds or any(t is None for t in tables.values()):
+            out.append({**result, "verdict": f"{name} vs {best}: no paired test (no saved predictions to pair)"})
+            continue
+        ids = sorted(set.intersection(*(set(t) for t in tables.values())))
+        if any(primary in r.get("scores", {}) for t in tables.values() for r in t.values()):
+            # a score only some rows carry (chat's generated sample): pair the rows that all runs scored
+            ids = [i for i in ids if all(primary in t[i].get("scores", {}) for t in tables.values())]
+        fns = {k: TASKS[task].resampled([t[i] for i in ids], primary) if ids else None for k, t in tables.items()}
+        if any(f is None for f in fns.values()):
+            out.append({**result, "verdict": f"{name} vs {best}: no paired test ({primary} is not recomputable from "
+                        "per-example predictions)"})  # fmt: skip
+            continue
+        diff, low, high = paired_bootstrap([fns[(name, s)] for s in seeds], [fns[(best, s)] for s in seeds], len(ids))
+        out.append({**result, "examples": len(ids), "difference": diff, "low": low, "high": high,
+                    "verdict": verdict(name, best, primary, diff, low, high, higher)})  # fmt: skip
+    return out
 
 
 def pareto(points: list[tuple[str, float, float]]) -> set[str]:
@@ -270,6 +320,7 @@ def write_outputs(
         "primary_metric": primary,
         "pareto_front": sorted(front),
         "summary": summary,
+        "paired": paired_against_best(base.task, runs, summary, primary, sign),
         "runs": rows,
     }
     paths = {
@@ -315,22 +366,23 @@ def markdown(data: dict[str, Any], front: set[str]) -> str:
         "",
         f"Environment: {env['cpu']}; GPU: {env['gpu'] or 'none'}; precision {env['precision']}; {versions}.",
         "",
-        f"Quality is validation `{primary}`; mean ± standard deviation over the seeds listed. Methods on the Pareto "
-        "front of quality against trainable parameters are marked *.",
+        f"Quality is validation `{primary}`; mean ± standard deviation over the seeds listed, and the 95% t-interval "
+        "of that mean. Methods on the Pareto front of quality against trainable parameters are marked *.",
         "",
-        f"| method | seeds | {primary} | trainable params | share | final trainable | train time (s) | samples/s "
-        "| tokens/s | peak memory (MB) | model size (MB) | steps |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| method | seeds | {primary} | 95% CI | trainable params | share | final trainable | train time (s) | "
+        "samples/s | tokens/s | peak memory (MB) | model size (MB) | steps |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in data["summary"]:
         if not s["seeds"]:
-            lines.append(f"| {s['method']} | failed: {'; '.join(s['failed'].values())} |" + " |" * 10)
+            lines.append(f"| {s['method']} | failed: {'; '.join(s['failed'].values())} |" + " |" * 11)
             continue
         star = " *" if s["method"] in front else ""
         cells = [
             f"{s['method']}{star}",
             ",".join(map(str, s["seeds"])) + (f" (failed: {sorted(s['failed'])})" if s["failed"] else ""),
             _fmt(s.get("quality"), s.get("quality_std")),
+            "[" + ", ".join(_fmt(v) for v in s["quality_ci"]) + "]" if None not in s.get("quality_ci", [None]) else "",
             _fmt(int(s["trainable_params"])),
             f"{100 * s['trainable_share']:.2f}%",
             _fmt(int(s["final_trainable_params"])),
@@ -342,6 +394,17 @@ def markdown(data: dict[str, Any], front: set[str]) -> str:
             _fmt(int(s["steps"])),
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    if data.get("paired"):
+        lines += [
+            "",
+            "## Against the best method",
+            "",
+            f"Paired bootstrap over the validation examples (10,000 resamples of the examples, the same for both "
+            f"methods and every seed they share): the difference in `{primary}` and its 95% interval; an interval "
+            "that holds 0 means the data cannot tell the two apart.",
+            "",
+            *[f"- {p['verdict']}" for p in data["paired"]],
+        ]
     lines += [
         "",
         "## Runs",

@@ -66,6 +66,16 @@ def test_two_methods_two_seeds_table_equals_results_and_reruns_reuse(
         assert len(list(csv.DictReader(f))) == 4
     md = (root / "comparison.md").read_text()
     assert md.startswith("# Method comparison") and "Command:" in md and "torch" in md
+    # the t-interval holds the mean; the paired difference on all examples is the difference of the reported means
+    assert lora["quality_ci"][0] <= lora["quality"] <= lora["quality_ci"][1]
+    (paired,) = data["paired"]
+    full = next(s for s in data["summary"] if s["method"] == "full")
+    best, other = (full, lora) if full["quality"] >= lora["quality"] else (lora, full)
+    assert (paired["against"], paired["method"], paired["seeds"], paired["examples"]) == (
+        best["method"], other["method"], [1, 2], 64)
+    assert paired["difference"] == pytest.approx(other["quality"] - best["quality"], abs=1e-12)
+    assert paired["low"] <= paired["difference"] <= paired["high"]
+    assert paired["verdict"] in md and paired["verdict"].startswith(f"{other['method']} vs {best['method']}: accuracy")
     for name in ("quality_vs_params", "quality_vs_time", "memory"):
         assert (root / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -186,6 +196,15 @@ def _stat(pid: int) -> tuple[str, int] | None:
     return fields[0], int(fields[1])
 
 
+def _cpu_ticks(pid: int) -> int | None:
+    """User plus system CPU time of a process, in clock ticks (None once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, ValueError):
+        return None
+    return int(fields[11]) + int(fields[12])
+
+
 def _children(pid: int) -> set[int]:
     return {int(p.name) for p in Path("/proc").glob("[0-9]*") if (_stat(int(p.name)) or ("", 0))[1] == pid}
 
@@ -206,7 +225,15 @@ def test_isolated_run_ends_when_the_comparison_is_killed(tmp_path: Path) -> None
         while not (workers := _children(parent.pid)) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert workers, "the pool worker never started"
-        time.sleep(1.0)  # let the worker run its initializer
+        # let the worker import and run its initializer: its CPU time stops growing once it sleeps in the task
+        # (a fixed wait is too short on a loaded machine)
+        previous, deadline = None, time.monotonic() + 60
+        while time.monotonic() < deadline:
+            now = {w: _cpu_ticks(w) for w in workers}
+            if now == previous:
+                break
+            previous = now
+            time.sleep(0.5)
         workers = _children(parent.pid)
         parent.kill()
         parent.wait()

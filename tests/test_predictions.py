@@ -7,11 +7,13 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from hf_finetune.checkpoint import load_final, write_jsonl_atomic
 from hf_finetune.engine import train
 from hf_finetune.recipe import recipe_from_dict
+from hf_finetune.tasks import TASKS
 from tests.conftest import tiny_recipe
 
 
@@ -47,6 +49,13 @@ def check_predictions(out: Path, sizes: dict[str, int | None]) -> dict[str, list
             assert math.exp(loss) == pytest.approx(metrics["perplexity"], rel=1e-5)
         else:
             assert all("prediction" in r and "reference" in r for r in rows)
+        # the paired bootstrap of `compare` recomputes the ranking metric from these rows: on all of them, as reported
+        primary = results["primary_metric"]
+        scored = [r for r in rows if primary in r.get("scores", {})] or rows
+        resampled = TASKS[results["task"]].resampled(scored, primary)
+        if resampled is not None:
+            value = resampled(np.arange(len(scored))[None, :])[0]
+            assert value == pytest.approx(metrics[primary], rel=1e-5, abs=1e-6), (split, primary)
         found[split] = rows
     return found
 

@@ -15,6 +15,7 @@ from datasets import Dataset, DatasetDict
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from hf_finetune.device import Padding
+from hf_finetune.significance import scores_or_losses
 
 if TYPE_CHECKING:
     from hf_finetune.recipe import Recipe
@@ -112,6 +113,11 @@ class Task(Protocol):
     def card_notes(self) -> list[str]:
         """Lines the model card's Training section adds for this task (what a user of the folder must know)."""
 
+    @classmethod
+    def resampled(cls, rows: list[dict], metric: str) -> Any:
+        """`metric` recomputed on resamples of a split's saved prediction rows (`significance.Resampled`), for the
+        paired bootstrap of `compare`; None where the rows cannot give it (a corpus-level score such as BLEU)."""
+
     def checkpoint_info(self) -> dict[str, Any]:
         """What a saved checkpoint needs besides weights to rebuild this task (e.g. the label set)."""
 
@@ -165,6 +171,10 @@ class TaskBase:
 
     def card_notes(self) -> list[str]:
         return []
+
+    @classmethod
+    def resampled(cls, rows: list[dict], metric: str) -> Any:
+        return scores_or_losses(rows, metric)
 
     def checkpoint_info(self) -> dict[str, Any]:
         return {}

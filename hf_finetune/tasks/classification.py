@@ -24,6 +24,7 @@ from hf_finetune.metrics.classification.classification import (
     tune_thresholds,
 )
 from hf_finetune.sampling import eval_order
+from hf_finetune.significance import pearson_of, ratio_of
 from hf_finetune.streaming import RowStream
 from hf_finetune.tasks.base import TaskBase, example_ids
 
@@ -433,6 +434,17 @@ class ClassificationTask(TaskBase):
                 )
             rows.append(row)
         return rows
+
+    @classmethod
+    def resampled(cls, rows: list[dict], metric: str) -> Any:
+        """Regression's Pearson correlation and multi-label micro-F1 (2 x shared labels / (predicted + gold)) from
+        each row's prediction and reference; the means of per-example scores as every task's."""
+        if rows and metric == "pearson":
+            return pearson_of([r["prediction"] for r in rows], [r["reference"] for r in rows])
+        if rows and metric == "f1_micro" and isinstance(rows[0].get("prediction"), list):
+            shared = [len(set(r["prediction"]) & set(r["reference"])) for r in rows]
+            return ratio_of(shared, [len(r["prediction"]) + len(r["reference"]) for r in rows], 2.0)
+        return super().resampled(rows, metric)
 
     def _thresholds(self) -> np.ndarray:
         if self.thresholds is None:

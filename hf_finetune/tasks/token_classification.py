@@ -24,6 +24,7 @@ from hf_finetune.errors import InputError
 from hf_finetune.inference import batched_rows, gathered_outputs
 from hf_finetune.metrics import load_metric
 from hf_finetune.metrics.entities.entities import spans
+from hf_finetune.significance import ratio_of
 from hf_finetune.tasks.base import TaskBase, example_ids, positive
 
 if TYPE_CHECKING:
@@ -395,6 +396,21 @@ class TokenClassificationTask(TaskBase):
                 )
             results.append({"words": words, "tags": row_tags, "entities": entities})
         return results
+
+    @classmethod
+    def resampled(cls, rows: list[dict], metric: str) -> Any:
+        """Entity precision, recall and F1 (micro: ratios of the summed counts) and token accuracy."""
+        if not rows or "counts" not in rows[0]:
+            return super().resampled(rows, metric)
+        count = {k: [r["counts"][k] for r in rows] for k in rows[0]["counts"]}
+        pred_gold = [p + g for p, g in zip(count["predicted_entities"], count["gold_entities"], strict=True)]
+        ratios = {
+            "f1": (count["correct_entities"], pred_gold, 2.0),
+            "precision": (count["correct_entities"], count["predicted_entities"], 1.0),
+            "recall": (count["correct_entities"], count["gold_entities"], 1.0),
+            "accuracy": (count["correct_tokens"], count["tokens"], 1.0),
+        }
+        return ratio_of(*ratios[metric]) if metric in ratios else super().resampled(rows, metric)
 
     def checkpoint_info(self) -> dict[str, Any]:
         return {"labels": self.labels}
