@@ -78,10 +78,13 @@ def interactive(task: ChatTask, model: torch.nn.Module, system: str | None, opti
         messages.append({"role": "user", "content": text})
         inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
                                                return_dict=True).to(device)  # fmt: skip
+        generation = task.generation_options(**options)
+        keep, generation["max_new_tokens"] = task.room(model, inputs["input_ids"].shape[1], generation["max_new_tokens"])
+        inputs = {k: v[:, -keep:] for k, v in inputs.items()}  # a long conversation keeps its latest turns
         stdout.write("assistant> ")
         stdout.flush()
         with torch.no_grad():
-            out = model.generate(**inputs, streamer=streamer, **task.generation_options(**options))
+            out = model.generate(**inputs, streamer=streamer, **generation)
         reply = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
         stdout.write("\n")
         messages.append({"role": "assistant", "content": reply})

@@ -312,3 +312,18 @@ def test_chat_bad_inputs_exit_2_naming_the_row(
     expect_exit_2(run(good, "chat.template=chatml", "method.name=ia3"), capsys, ["ia3 cannot train the 2 tokens"])
     expect_exit_2(run(good, "chat.template=vicuna"), capsys, ["'chat.template'", "vicuna"])
     assert not (tmp_path / "run").exists()
+
+
+def test_a_prompt_longer_than_the_positions_keeps_its_end_and_still_gets_an_answer(
+    chat_models: dict[str, Path], tmp_path: Path
+) -> None:
+    from hf_finetune.tasks.chat import ChatTask
+
+    task = chat_task(chat_models["gpt2"], tmp_path, **{"chat.max_new_tokens": 100})
+    model = task.load_model(str(chat_models["gpt2"])).eval()  # 128 learned positions
+    assert ChatTask.room(model, 20, 100) == (20, 100)
+    assert ChatTask.room(model, 100, 100) == (64, 64)  # half the window each
+    assert ChatTask.room(model, 100, 10) == (100, 10)
+    long = [{"role": "user", "content": " ".join(["what is one plus two"] * 60)}]
+    (answer,) = task.respond(model, [long])
+    assert isinstance(answer, str)

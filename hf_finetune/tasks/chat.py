@@ -388,6 +388,17 @@ class ChatTask(TaskBase):
             **sampling,
         }
 
+    @staticmethod
+    def room(model: torch.nn.Module, prompt: int, max_new: int) -> tuple[int, int]:
+        """(prompt tokens to keep, from its end; new tokens to generate) within a model's learned positions (GPT-2's
+        256 in the chat recipe): a long prompt keeps its last tokens, and leaves at least half the window."""
+        config = model.config
+        limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+        if not limit or prompt + max_new <= limit:
+            return prompt, max_new
+        keep = min(prompt, limit - min(max_new, limit // 2))
+        return keep, max(1, min(max_new, limit - keep))
+
     @torch.no_grad()
     def respond(self, model: torch.nn.Module, conversations: list[list[dict]], **sampling: Any) -> list[str]:
         """The assistant's next message for each conversation (greedy unless `sampling` says otherwise)."""
@@ -396,13 +407,15 @@ class ChatTask(TaskBase):
             tokenizer.apply_chat_template(m, tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"]
             for m in conversations
         ]
-        features = [{"input_ids": list(p)} for p in prompts]
         options = self.generation_options(**sampling)
+        features = [{"input_ids": list(p)[-self.room(model, len(p), options["max_new_tokens"])[0] :]} for p in prompts]
         pad = tokenizer.pad_token_id
         out = [""] * len(prompts)
 
         def forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-            return {"new": model.generate(**batch, **options)[:, batch["input_ids"].shape[1] :]}
+            width = batch["input_ids"].shape[1]
+            new = self.room(model, width, options["max_new_tokens"])[1]
+            return {"new": model.generate(**batch, **{**options, "max_new_tokens": new})[:, width:]}
 
         def left_pad(rows: list[dict]) -> dict[str, torch.Tensor]:  # generation continues right after each prompt
             width = max(len(r["input_ids"]) for r in rows)
