@@ -311,6 +311,7 @@ def test_chat_bad_inputs_exit_2_naming_the_row(
                   "does not mark assistant turns"])  # fmt: skip
     expect_exit_2(run(good, "chat.template=chatml", "method.name=ia3"), capsys, ["ia3 cannot train the 2 tokens"])
     expect_exit_2(run(good, "chat.template=vicuna"), capsys, ["'chat.template'", "vicuna"])
+    expect_exit_2(run(good, "chat.packing=true", "method.name=prompt"), capsys, ["'chat.packing'", "prompt"])
     assert not (tmp_path / "run").exists()
 
 

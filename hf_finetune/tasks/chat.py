@@ -143,6 +143,13 @@ class ChatTask(TaskBase):
         problem = template_problem(c.template)
         if problem:
             problems.append(problem)
+        from hf_finetune.methods import get_method
+
+        if c.packing and get_method(recipe.method.name).adds_virtual_tokens:
+            problems.append(
+                f"'chat.packing': method {recipe.method.name} puts virtual tokens before the input and PEFT then drops "
+                "position_ids, so packed conversations would attend to each other; turn packing off for it"
+            )
         if c.eval_generate < 0:
             problems.append(f"'chat.eval_generate': must be >= 0, got {c.eval_generate}")
         if c.max_new_tokens < 1:
