@@ -485,10 +485,11 @@ class ChatCollator:
             # padding continues each row's last position, so it reads as part of the last conversation (it scores
             # nothing, and causal attention keeps real tokens from seeing it)
             width = batch["input_ids"].shape[1]
-            batch["position_ids"] = torch.tensor(
-                [r["position_ids"] + list(range(r["position_ids"][-1] + 1, r["position_ids"][-1] + 1 + width
-                                                - len(r["position_ids"]))) for r in rows]
-            )  # fmt: skip
+
+            def continued(positions: list[int]) -> list[int]:
+                return positions + list(range(positions[-1] + 1, positions[-1] + 1 + width - len(positions)))
+
+            batch["position_ids"] = torch.tensor([continued(r["position_ids"]) for r in rows])
             # transformers reads packed sequences from position_ids only without a cache, which models otherwise
             # create whenever config.use_cache is on, training or not
             batch["use_cache"] = False
