@@ -94,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--budget-matched", action="store_true",
         help="LoRA and AdaLoRA train the same number of parameters (AdaLoRA init_r = LoRA r, target_r = 2r/3)",
     )  # fmt: skip
+    compare.add_argument(
+        "--lr-search", action="store_true",
+        help="choose each method's lr on validation first: short trials of 0.1x-10x its own (compare.lr_search: sets "
+        "the grid, budget and rungs)",
+    )  # fmt: skip
     compare.add_argument("--dry-run", action="store_true", help="print the plan without training")
 
     generate = sub.add_parser(
@@ -244,6 +249,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         overrides=args.overrides,
         per_method=args.set,
         budget_matched=args.budget_matched,
+        search_lr=args.lr_search,
         dry=args.dry_run,
     )
     if args.dry_run:

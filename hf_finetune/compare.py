@@ -23,10 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hf_finetune import lr_search
 from hf_finetune.errors import InputError
 from hf_finetune.methods import get_method
 from hf_finetune.methods.registry import COMPARED_BY_DEFAULT
-from hf_finetune.recipe import Recipe, apply_override, read_recipe, recipe_from_dict
+from hf_finetune.recipe import LrSearchConfig, Recipe, apply_override, read_recipe, recipe_from_dict
+from hf_finetune.report import write_report
 from hf_finetune.significance import paired_bootstrap, t_interval, verdict
 from hf_finetune.tasks import TASKS
 
@@ -50,6 +52,8 @@ class Run:
     seed: int
     recipe: Recipe
     out: Path
+    raw: dict[str, Any] = field(default_factory=dict)  # the recipe as overrides edit it, before validation
+    source: str = "recipe"  # where its errors point
     status: str = "planned"  # planned | reused | trained | failed
     error: str = ""
     results: dict[str, Any] = field(default_factory=dict)
@@ -96,8 +100,8 @@ def plan(
                 apply_override(run_raw, item)
             out = root / method / f"seed{seed}"
             run_raw["output_dir"] = str(out)
-            recipe = recipe_from_dict(run_raw, source=f"{recipe_path} ({method}, seed {seed})")
-            runs.append(Run(method, seed, recipe, out))
+            source = f"{recipe_path} ({method}, seed {seed})"
+            runs.append(Run(method, seed, recipe_from_dict(copy.deepcopy(run_raw), source), out, run_raw, source))
     return base, runs
 
 
@@ -172,16 +176,17 @@ def _finished(run: Run) -> dict[str, Any] | None:
     return results if results.get("recipe_hash") == run.recipe.run_hash() else None
 
 
-def row(run: Run, primary: str) -> dict[str, Any]:
-    """One run's figures, each read from its results.json (sizes from its model folder)."""
+def row(run: Run, primary: str, split: str = "validation") -> dict[str, Any]:
+    """One run's figures, each read from its results.json (sizes from its model folder); its quality is `primary` on
+    `split`."""
     r = run.results
     out: dict[str, Any] = {"method": run.method, "seed": run.seed, "status": run.status, "error": run.error}
     if run.status == "failed":
         return out
-    for split, key in (("validation", "metrics"), ("test", "test_metrics")):
+    for prefix, key in (("validation", "metrics"), ("test", "test_metrics")):
         for name, value in r.get(key, {}).items():
-            out[f"{split}/{name}"] = value
-    out["quality"] = r.get("metrics", {}).get(primary)
+            out[f"{prefix}/{name}"] = value
+    out["quality"] = r.get("metrics" if split == "validation" else "test_metrics", {}).get(primary)
     out["trainable_params"] = r["trainable_params"]
     out["trainable_share"] = r["trainable_params"] / r["total_params"]
     out["final_trainable_params"] = get_method(run.method).final_trainable(run.out / "model", r["trainable_params"])
@@ -227,10 +232,10 @@ def prediction_rows(run: Run, split: str = "validation") -> dict[str, dict] | No
 
 
 def paired_against_best(
-    task: str, runs: list[Run], summary: list[dict[str, Any]], primary: str, sign: float
+    task: str, runs: list[Run], summary: list[dict[str, Any]], primary: str, sign: float, split: str = "validation"
 ) -> list[dict[str, Any]]:
     """Every method against the best one (by mean quality): the paired bootstrap of the difference over the
-    validation examples both scored, on the seeds both completed, and its verdict."""
+    examples of `split` both scored, on the seeds both completed, and its verdict."""
     ranked = [s for s in summary if s.get("quality") is not None]
     if len(ranked) < 2:
         return []
@@ -243,7 +248,7 @@ def paired_against_best(
         if name == best:
             continue
         seeds = [seed for seed in entry["seeds"] if seed in next(s for s in ranked if s["method"] == best)["seeds"]]
-        tables = {(m, seed): prediction_rows(by_key[(m, seed)]) for m in (name, best) for seed in seeds}
+        tables = {(m, seed): prediction_rows(by_key[(m, seed)], split) for m in (name, best) for seed in seeds}
         result: dict[str, Any] = {"method": name, "against": best, "metric": primary, "seeds": seeds}
         if not seeds or any(t is None for t in tables.values()):
             out.append({**result, "verdict": f"{name} vs {best}: no paired test (no saved predictions to pair)"})
@@ -297,12 +302,21 @@ def environment(base: Recipe) -> dict[str, Any]:
     }
 
 
+def quality_split(runs: list[Run], primary: str, searched: bool) -> str:
+    """Where the table's quality comes from: validation, unless an lr search chose the rates on validation and every
+    run has a test split to report unseen figures on."""
+    done = [r for r in runs if r.status != "failed"]
+    tested = done and all(primary in r.results.get("test_metrics", {}) for r in done)
+    return "test" if searched and tested else "validation"
+
+
 def write_outputs(
-    base: Recipe, runs: list[Run], methods: list[str], command: str, primary: str
+    base: Recipe, runs: list[Run], methods: list[str], command: str, primary: str, search: dict | None = None
 ) -> dict[str, Path]:
     root = Path(base.output_dir)
     root.mkdir(parents=True, exist_ok=True)
-    rows = [row(r, primary) for r in runs]
+    split = quality_split(runs, primary, search is not None)
+    rows = [row(r, primary, split) for r in runs]
     summary = summarise(rows, methods)
     env = environment(base)
     # the front is taken on "better" quality: perplexity counts down
@@ -318,9 +332,11 @@ def write_outputs(
         "environment": env,
         "task": base.task,
         "primary_metric": primary,
+        "quality_split": split,
         "pareto_front": sorted(front),
         "summary": summary,
-        "paired": paired_against_best(base.task, runs, summary, primary, sign),
+        "paired": paired_against_best(base.task, runs, summary, primary, sign, split),
+        **({"lr_search": search} if search is not None else {}),
         "runs": rows,
     }
     paths = {
@@ -337,7 +353,9 @@ def write_outputs(
         writer.writerows(rows)
     os.replace(tmp, paths["csv"])
     _atomic(paths["md"], markdown(data, front))
-    paths.update(plots(summary, rows, primary, front, root))
+    paths.update(plots(summary, primary, front, root, split, search))
+    runs_done = {(r.method, r.seed): r.out for r in runs if r.status != "failed"}
+    paths["html"] = write_report(data, runs_done, root / "report.html")
     return paths
 
 
@@ -366,8 +384,8 @@ def markdown(data: dict[str, Any], front: set[str]) -> str:
         "",
         f"Environment: {env['cpu']}; GPU: {env['gpu'] or 'none'}; precision {env['precision']}; {versions}.",
         "",
-        f"Quality is validation `{primary}`; mean ± standard deviation over the seeds listed, and the 95% t-interval "
-        "of that mean. Methods on the Pareto front of quality against trainable parameters are marked *.",
+        f"Quality is {data['quality_split']} `{primary}`; mean ± standard deviation over the seeds listed, and the 95% "
+        "t-interval of that mean. Methods on the Pareto front of quality against trainable parameters are marked *.",
         "",
         f"| method | seeds | {primary} | 95% CI | trainable params | share | final trainable | train time (s) | "
         "samples/s | tokens/s | peak memory (MB) | model size (MB) | steps |",
@@ -399,12 +417,30 @@ def markdown(data: dict[str, Any], front: set[str]) -> str:
             "",
             "## Against the best method",
             "",
-            f"Paired bootstrap over the validation examples (10,000 resamples of the examples, the same for both "
+            f"Paired bootstrap over the {data['quality_split']} examples (10,000 resamples of the examples, the same for both "
             f"methods and every seed they share): the difference in `{primary}` and its 95% interval; an interval "
             "that holds 0 means the data cannot tell the two apart.",
             "",
             *[f"- {p['verdict']}" for p in data["paired"]],
         ]
+    search = data.get("lr_search")
+    if search:
+        lines += [
+            "",
+            "## Learning-rate search",
+            "",
+            f"Each method's rates trained on seed {search['seed']} for {100 * search['budget']:g}% of the run's steps "
+            f"({search['rungs']} rung(s): each further rung keeps the better half and doubles the steps), scored on "
+            "validation only; the comparison above then ran every seed at the chosen rate (**bold**).",
+            "",
+            "| method | its own lr | trials: lr (steps) = validation score | chosen |",
+            "|---|---|---|---|",
+        ]
+        for name, entry in search["methods"].items():
+            last = max((t["rung"] for t in entry["trials"]), default=0)
+            trials = ", ".join(_trial_cell(t, entry["chosen"], last) for t in entry["trials"])
+            chosen = f"{entry['chosen']:g}" if entry["chosen"] is not None else "none (every trial failed; its own lr)"
+            lines.append(f"| {name} | {entry['center']:g} | {trials} | {chosen} |")
     lines += [
         "",
         "## Runs",
@@ -417,13 +453,21 @@ def markdown(data: dict[str, Any], front: set[str]) -> str:
             f"| {r['method']} | {r['seed']} | {r['status']} | {_fmt(r.get('quality'))} | {_fmt(r.get('lr'), None, 6)} "
             f"| {_fmt(r.get('train_runtime_s'), None, 1)} | {r['error']} |"
         )
-    lines += ["", "Plots: `quality_vs_params.png`, `quality_vs_time.png`, `memory.png`.", ""]
+    pngs = ["quality_vs_params", "quality_vs_time", "memory"] + (["lr_search"] if search else [])
+    lines += ["", "Plots: " + ", ".join(f"`{p}.png`" for p in pngs) + "; all of it in `report.html`.", ""]
     return "\n".join(lines)
 
 
+def _trial_cell(trial: dict[str, Any], chosen: float | None, last_rung: int) -> str:
+    score = _fmt(trial["score"]) if trial["score"] is not None else trial["status"]
+    text = f"{trial['lr']:g} ({trial['steps']}) = {score}"
+    return f"**{text}**" if trial["lr"] == chosen and trial["rung"] == last_rung else text
+
+
 def plots(
-    summary: list[dict[str, Any]], rows: list[dict[str, Any]], primary: str, front: set[str], root: Path
-) -> dict[str, Path]:
+    summary: list[dict[str, Any]], primary: str, front: set[str], root: Path, split: str = "validation",
+    search: dict[str, Any] | None = None,
+) -> dict[str, Path]:  # fmt: skip
     import matplotlib
 
     matplotlib.use("Agg")  # files only; no display on our machines
@@ -449,7 +493,7 @@ def plots(
         if log:
             ax.set_xscale("log")
         ax.set_xlabel(xlabel)
-        ax.set_ylabel(f"validation {primary}")
+        ax.set_ylabel(f"{split} {primary}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
@@ -470,6 +514,23 @@ def plots(
     paths["memory"] = root / "memory.png"
     fig.savefig(paths["memory"], dpi=120)
     plt.close(fig)
+    if search:
+        fig, ax = plt.subplots(figsize=(6, 4.2))
+        for name, entry in search["methods"].items():
+            for rung in sorted({t["rung"] for t in entry["trials"]}):
+                points = [(t["lr"], t["score"]) for t in entry["trials"] if t["rung"] == rung and t["score"] is not None]
+                if points:
+                    ax.plot(*zip(*sorted(points), strict=True), marker="o", alpha=1.0 if rung else 0.8,
+                            linestyle="-" if rung == 0 else ":", label=f"{name}" + (f" (rung {rung})" if rung else ""))  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate (log)")
+        ax.set_ylabel(f"validation {primary} (short trials)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        paths["lr_search"] = root / "lr_search.png"
+        fig.savefig(paths["lr_search"], dpi=120)
+        plt.close(fig)
     return paths
 
 
@@ -502,25 +563,48 @@ def plan_schedule(recipe: Recipe, world: int | None = None) -> Any:
     return make_schedule(len(encoded["train"]), recipe.training, world)
 
 
-def dry_run(base: Recipe, runs: list[Run]) -> str:
+class StepCounter:
+    """Optimizer steps of a run's recipe (`plan_schedule`), computed once per distinct input: runs differ in method
+    and seed, rarely in what decides the step count."""
+
+    def __init__(self) -> None:
+        self.schedules: dict[str, Any] = {}
+
+    def __call__(self, recipe: Recipe) -> int:
+        t = recipe.training
+        key = json.dumps([recipe.to_dict()[k] for k in ("task", "model", "data", "lm", "qa", "seq2seq")], default=str)
+        key += json.dumps([t.batch_size, t.grad_accum, t.max_steps, t.epochs, t.max_length])
+        if key not in self.schedules:
+            self.schedules[key] = plan_schedule(recipe)
+        return self.schedules[key].total_steps
+
+
+def dry_run(base: Recipe, runs: list[Run], search: LrSearchConfig | None = None) -> str:
     """The plan: each run's method, seed, hyperparameters and optimizer steps (the engine's own count: the task's rows
-    after packing or windowing, over the launcher's processes), and whether it would be reused."""
-    schedules: dict[str, Any] = {}
-    lines = [f"{len(runs)} runs into {base.output_dir}"]
+    after packing or windowing, over the launcher's processes), and whether it would be reused; with an lr search,
+    each method's first rung of trials before it."""
+    steps_of = StepCounter()
+    lines = []
+    if search is not None:
+        seeds = list(dict.fromkeys(r.seed for r in runs))
+        lines.append(f"lr search on seed {search.seed if search.seed is not None else seeds[0]}, scored on validation "
+                     f"({search.rungs} rung(s), each keeping the better half and doubling the steps):")  # fmt: skip
+        for method in dict.fromkeys(r.method for r in runs):
+            first = next(r for r in runs if r.method == method)
+            total = steps_of(first.recipe)
+            rates = ", ".join(f"{v:g}" for v in lr_search.grid(method, lr_search.center_lr(first.recipe), search))
+            lines.append(f"  {method:8s} lr {rates} at {lr_search.trial_steps(total, search, 0)} of {total} steps")
+        lines.append("then, at each method's chosen lr:")
+    lines.append(f"{len(runs)} runs into {base.output_dir}")
     for run in runs:
         t = run.recipe.training
-        # runs differ in method and seed, rarely in what decides the step count: compute it once per distinct input
-        key = json.dumps([run.recipe.to_dict()[k] for k in ("task", "model", "data", "lm", "qa", "seq2seq")], default=str)
-        key += json.dumps([t.batch_size, t.grad_accum, t.max_steps, t.epochs, t.max_length])
-        if key not in schedules:
-            schedules[key] = plan_schedule(run.recipe)
-        steps = schedules[key].total_steps
+        steps = steps_of(run.recipe)
         method = get_method(run.method)
         params = {
             k: v for k, v in dataclasses.asdict(method.resolve(run.recipe.method, steps)).items()
             if v is not None and k != "name"
         }  # fmt: skip
-        state = "reuse" if _finished(run) is not None else "train"
+        state = "reuse" if _finished(run) is not None and search is None else "train"
         lines.append(
             f"  {run.method:8s} seed {run.seed}: {state}, lr {t.lr or method.defaults['lr']:g}, batch {t.batch_size}"
             f" x {t.grad_accum}, {steps} steps, {params} -> {run.out}"
@@ -535,14 +619,23 @@ def compare(
     overrides: list[str] | tuple[str, ...] = (),
     per_method: list[str] | tuple[str, ...] = (),
     budget_matched: bool = False,
+    search_lr: bool = False,
     dry: bool = False,
     command: str | None = None,
     train_fn: Any = None,
 ) -> dict[str, Any]:
     base, runs = plan(recipe_path, methods, seeds, overrides, per_method, budget_matched)
+    search = base.compare.lr_search or (LrSearchConfig() if search_lr else None)
     if dry:
-        print(dry_run(base, runs))
+        print(dry_run(base, runs, search))
         return {"runs": runs, "paths": {}}
+    record = None
+    if search is not None:
+        record = lr_search.search(
+            runs, search, list(dict.fromkeys(r.seed for r in runs)), Path(base.output_dir), base.task, StepCounter(),
+            lambda batch: execute(batch, train_fn), Run,
+        )  # fmt: skip
+        lr_search.apply_choice(runs, record)
     execute(runs, train_fn)
     # the task's ranking metric as the runs report it: a classification run's depends on its labels (accuracy,
     # multi-label micro-F1, regression Pearson)
@@ -550,5 +643,5 @@ def compare(
     primary = next((m for m in reported if m), TASKS[base.task].primary_metric)
     command = command or "hf-finetune compare " + shlex.join(sys.argv[2:])
     method_names = list(dict.fromkeys(r.method for r in runs))
-    paths = write_outputs(base, runs, method_names, command, primary)
+    paths = write_outputs(base, runs, method_names, command, primary, record)
     return {"paths": paths, "runs": runs}

@@ -377,6 +377,22 @@ class Seq2SeqConfig:
 
 
 @dataclass
+class LrSearchConfig:
+    """`compare --lr-search`: each method's learning rate chosen on validation by short trials before the comparison."""
+
+    factors: list[float] = field(default_factory=lambda: [0.1, 0.3162, 1.0, 3.162, 10.0])
+    """Multiples of each method's learning rate (its default, the recipe's or its --set value): 10x each way."""
+    lrs: dict[str, list[float]] = field(default_factory=dict)
+    """Explicit grids for some methods, e.g. `{lora: [1e-4, 3e-4, 1e-3]}`, instead of the factors."""
+    budget: float = 0.25
+    """Share of the full run's optimizer steps that each first-rung trial trains."""
+    rungs: int = 1
+    """Successive halving: each further rung keeps the better half of the trials and doubles their steps."""
+    seed: int | None = None
+    """The trials' seed (default: the comparison's first)."""
+
+
+@dataclass
 class CompareConfig:
     """`hf-finetune compare` only; the command line's --methods, --seeds and --set take precedence."""
 
@@ -386,6 +402,8 @@ class CompareConfig:
     """Seeds per method (default: the recipe's training.seed)."""
     overrides: dict[str, list[str]] = field(default_factory=dict)
     """Per-method dotted overrides, e.g. `{lora: [training.lr=3e-4]}`; the same as `--set lora.training.lr=3e-4`."""
+    lr_search: LrSearchConfig | None = None
+    """Per-method learning-rate search before the comparison (`{}` for the defaults; the same as `--lr-search`)."""
 
 
 @dataclass
@@ -575,6 +593,8 @@ def _check_names(recipe: Recipe) -> list[str]:
     problems = _one_of("task", recipe.task, TASK_NAMES) + _one_of("method.name", recipe.method.name, METHOD_NAMES)
     for i, name in enumerate(recipe.compare.methods or []):
         problems += _one_of(f"compare.methods[{i}]", name, METHOD_NAMES)
+    for name in (recipe.compare.lr_search.lrs if recipe.compare.lr_search else {}):
+        problems += _one_of(f"compare.lr_search.lrs.{name}", name, METHOD_NAMES)
     return problems
 
 
@@ -621,6 +641,16 @@ def _check_values(recipe: Recipe) -> list[str]:
     ]
     if t.epochs <= 0 and t.max_steps is None:
         problems.append(f"'training.epochs': must be positive, got {t.epochs}")
+    search = recipe.compare.lr_search
+    if search is not None:
+        if not 0 < search.budget <= 1:
+            problems.append(f"'compare.lr_search.budget': must be in (0, 1], got {search.budget}")
+        if search.rungs < 1:
+            problems.append(f"'compare.lr_search.rungs': must be a positive integer, got {search.rungs}")
+        grids = {"factors": search.factors, **{f"lrs.{m}": v for m, v in search.lrs.items()}}
+        for key, grid in grids.items():
+            if not grid or any(v <= 0 for v in grid) or len(set(grid)) != len(grid):
+                problems.append(f"'compare.lr_search.{key}': must be distinct positive numbers, got {grid}")
     if t.lr is not None and t.lr <= 0:
         problems.append(f"'training.lr': must be positive, got {t.lr}")
     if t.warmup_ratio is not None and not 0 <= t.warmup_ratio < 1:
