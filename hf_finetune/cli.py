@@ -40,6 +40,7 @@ def epilog() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     from hf_finetune.methods.registry import COMPARED_BY_DEFAULT, DEFAULT_METHOD
+    from hf_finetune.recipe import DEFAULT_FORGETTING_CORPUS
 
     parser = argparse.ArgumentParser(
         prog="hf-finetune",
@@ -98,6 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--lr-search", action="store_true",
         help="choose each method's lr on validation first: short trials of 0.1x-10x its own (compare.lr_search: sets "
         "the grid, budget and rungs)",
+    )  # fmt: skip
+    compare.add_argument(
+        "--forgetting", nargs="?", const=DEFAULT_FORGETTING_CORPUS, metavar="CORPUS",
+        help=f"measure each run's LM-loss increase on a general text file (default {DEFAULT_FORGETTING_CORPUS}, in ../shared/data)",
+    )  # fmt: skip
+    compare.add_argument(
+        "--compute-matched", metavar="time=SECONDS|tokens=N",
+        help="the same compute for every method: each trains the steps a short probe says the budget buys",
     )  # fmt: skip
     compare.add_argument("--dry-run", action="store_true", help="print the plan without training")
 
@@ -250,6 +259,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         per_method=args.set,
         budget_matched=args.budget_matched,
         search_lr=args.lr_search,
+        forgetting=args.forgetting,
+        compute_matched=args.compute_matched,
         dry=args.dry_run,
     )
     if args.dry_run:

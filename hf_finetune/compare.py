@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hf_finetune import lr_search
+from hf_finetune import compute_budget, lr_search
 from hf_finetune.errors import InputError
 from hf_finetune.methods import get_method
 from hf_finetune.methods.registry import COMPARED_BY_DEFAULT
@@ -57,6 +57,7 @@ class Run:
     status: str = "planned"  # planned | reused | trained | failed
     error: str = ""
     results: dict[str, Any] = field(default_factory=dict)
+    forgetting: dict[str, Any] = field(default_factory=dict)
 
 
 def plan(
@@ -195,6 +196,11 @@ def row(run: Run, primary: str, split: str = "validation") -> dict[str, Any]:
     model_dir = run.out / "model"
     out["model_size_mb"] = sum(f.stat().st_size for f in model_dir.rglob("*") if f.is_file()) / 2**20
     out["lr"] = r["recipe"]["training"]["lr"]
+    if "increase" in run.forgetting:
+        out["forgetting"] = run.forgetting["increase"]
+        out["lm_loss_after"] = run.forgetting["after"]
+    elif run.forgetting:
+        out["forgetting_note"] = run.forgetting["not_measured"]
     return out
 
 
@@ -302,6 +308,28 @@ def environment(base: Recipe) -> dict[str, Any]:
     }
 
 
+def measure_forgetting(base: Recipe, runs: list[Run], corpus: str) -> dict[str, Any]:
+    """Each finished run's LM-loss increase on `corpus` (kept in its forgetting.json and reused while the run and
+    the sample are the same), and the base model's loss before training."""
+    from hf_finetune.checkpoint import write_json_atomic
+    from hf_finetune.forgetting import Meter
+
+    meter = Meter(base, corpus)
+    for run in runs:
+        if run.status == "failed":
+            continue
+        key = {"corpus": corpus, "paragraphs": len(meter.texts), "max_length": meter.max_length,
+               "before": meter.before, "recipe_hash": run.results.get("recipe_hash")}  # fmt: skip
+        cache = run.out / "forgetting.json"
+        cached = json.loads(cache.read_text()) if cache.is_file() else {}
+        if cached.get("key") == key:
+            run.forgetting = cached["result"]
+            continue
+        run.forgetting = meter.measure(run.out)
+        write_json_atomic(cache, {"key": key, "result": run.forgetting})
+    return meter.header()
+
+
 def quality_split(runs: list[Run], primary: str, searched: bool) -> str:
     """Where the table's quality comes from: validation, unless an lr search chose the rates on validation and every
     run has a test split to report unseen figures on."""
@@ -311,8 +339,9 @@ def quality_split(runs: list[Run], primary: str, searched: bool) -> str:
 
 
 def write_outputs(
-    base: Recipe, runs: list[Run], methods: list[str], command: str, primary: str, search: dict | None = None
-) -> dict[str, Path]:
+    base: Recipe, runs: list[Run], methods: list[str], command: str, primary: str, search: dict | None = None,
+    forgetting: dict | None = None, compute: dict | None = None,
+) -> dict[str, Path]:  # fmt: skip
     root = Path(base.output_dir)
     root.mkdir(parents=True, exist_ok=True)
     split = quality_split(runs, primary, search is not None)
@@ -337,6 +366,8 @@ def write_outputs(
         "summary": summary,
         "paired": paired_against_best(base.task, runs, summary, primary, sign, split),
         **({"lr_search": search} if search is not None else {}),
+        **({"forgetting": forgetting} if forgetting is not None else {}),
+        **({"compute_budget": compute} if compute is not None else {}),
         "runs": rows,
     }
     paths = {
@@ -391,6 +422,16 @@ def markdown(data: dict[str, Any], front: set[str]) -> str:
         "samples/s | tokens/s | peak memory (MB) | model size (MB) | steps |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    budget = data.get("compute_budget")
+    if budget:
+        bought = ", ".join(f"{m} {e['steps']}" for m, e in budget["methods"].items())
+        per = "seconds_per_step" if budget["kind"] == "time" else "tokens_per_step"
+        cost = ", ".join(f"{m} {e[per]:,.3g}" for m, e in budget["methods"].items() if per in e)
+        lines[-3:-3] = [
+            "",
+            f"Compute-matched: every method trained for {budget['amount']:,g} {budget['unit']}; the steps each bought, "
+            f"from a {budget['probe_steps']}-step probe of it ({per.replace('_', ' ')}: {cost}): {bought}.",
+        ]
     for s in data["summary"]:
         if not s["seeds"]:
             lines.append(f"| {s['method']} | failed: {'; '.join(s['failed'].values())} |" + " |" * 11)
@@ -423,6 +464,21 @@ def markdown(data: dict[str, Any], front: set[str]) -> str:
             "",
             *[f"- {p['verdict']}" for p in data["paired"]],
         ]
+    forgot = data.get("forgetting")
+    if forgot:
+        lines += ["", "## Forgetting", ""]
+        if forgot["not_measured"]:
+            lines.append(f"Not measured: {forgot['not_measured']}.")
+        else:
+            lines += [
+                f"The base model's {forgot['objective']}-LM loss on {forgot['paragraphs']} paragraphs of "
+                f"`{forgot['corpus']}`: {forgot['before']:.4f} before training; after, through each trained body with "
+                "its method applied (mean over seeds; higher is more forgotten):",
+                "",
+                *[f"- {s['method']}: {s['forgetting']:+.4f}" for s in data["summary"] if s.get("forgetting") is not None],
+                *[f"- {r['method']} seed {r['seed']}: not measured ({run_reason})" for r, run_reason in
+                  ((r, r.get("forgetting_note")) for r in data["runs"]) if run_reason],
+            ]  # fmt: skip
     search = data.get("lr_search")
     if search:
         lines += [
@@ -620,12 +676,16 @@ def compare(
     per_method: list[str] | tuple[str, ...] = (),
     budget_matched: bool = False,
     search_lr: bool = False,
+    forgetting: str | None = None,
+    compute_matched: str | None = None,
     dry: bool = False,
     command: str | None = None,
     train_fn: Any = None,
 ) -> dict[str, Any]:
     base, runs = plan(recipe_path, methods, seeds, overrides, per_method, budget_matched)
     search = base.compare.lr_search or (LrSearchConfig() if search_lr else None)
+    compute_text = compute_matched or base.compare.compute_matched
+    compute = compute_budget.parse(compute_text) if compute_text else None
     if dry:
         print(dry_run(base, runs, search))
         return {"runs": runs, "paths": {}}
@@ -636,12 +696,17 @@ def compare(
             lambda batch: execute(batch, train_fn), Run,
         )  # fmt: skip
         lr_search.apply_choice(runs, record)
+    spent = None
+    if compute is not None:
+        spent = compute_budget.apply(runs, compute, Path(base.output_dir), lambda batch: execute(batch, train_fn), Run)
     execute(runs, train_fn)
+    corpus = forgetting or base.compare.forgetting
+    forgot = measure_forgetting(base, runs, corpus) if corpus else None
     # the task's ranking metric as the runs report it: a classification run's depends on its labels (accuracy,
     # multi-label micro-F1, regression Pearson)
     reported = [r.results.get("primary_metric") for r in runs]
     primary = next((m for m in reported if m), TASKS[base.task].primary_metric)
     command = command or "hf-finetune compare " + shlex.join(sys.argv[2:])
     method_names = list(dict.fromkeys(r.method for r in runs))
-    paths = write_outputs(base, runs, method_names, command, primary, record)
+    paths = write_outputs(base, runs, method_names, command, primary, record, forgot, spent)
     return {"paths": paths, "runs": runs}

@@ -376,6 +376,10 @@ class Seq2SeqConfig:
     """Decoder-only models: text between source and target (default: the tokenizer's eos token)."""
 
 
+# compare --forgetting's default sample, under ../shared/data: WikiText-2's test articles, general English
+DEFAULT_FORGETTING_CORPUS = "corpus/wikitext2_raw/test.txt"
+
+
 @dataclass
 class LrSearchConfig:
     """`compare --lr-search`: each method's learning rate chosen on validation by short trials before the comparison."""
@@ -402,6 +406,12 @@ class CompareConfig:
     """Seeds per method (default: the recipe's training.seed)."""
     overrides: dict[str, list[str]] = field(default_factory=dict)
     """Per-method dotted overrides, e.g. `{lora: [training.lr=3e-4]}`; the same as `--set lora.training.lr=3e-4`."""
+    compute_matched: str | None = None
+    """`time=SECONDS` or `tokens=N`: every method trains the steps that budget buys it (the same as
+    `--compute-matched`)."""
+    forgetting: str | None = None
+    """A text file (looked up in ../shared/data when relative) on which the base model's LM loss, before and after
+    each run, measures forgetting; e.g. `corpus/wikitext2_raw/test.txt`. The same as `--forgetting`."""
     lr_search: LrSearchConfig | None = None
     """Per-method learning-rate search before the comparison (`{}` for the defaults; the same as `--lr-search`)."""
 

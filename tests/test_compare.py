@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import signal
 import subprocess
@@ -249,3 +250,29 @@ def test_isolated_run_ends_when_the_comparison_is_killed(tmp_path: Path) -> None
                 os.kill(w, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_compute_matched_gives_each_method_the_steps_its_budget_buys(
+    tiny_bert_pretrained: Path, data_dir: Path, tmp_path: Path, capsys
+) -> None:
+    recipe = recipe_file(tiny_bert_pretrained, data_dir, tmp_path)
+    root = tmp_path / "cmp"
+    for budget in ("tokens=2500", "time=1.5"):
+        kind, amount = budget.split("=")
+        compare(str(recipe), ["full", "lora"], [1], compute_matched=budget, train_fn=CountingTrain())
+        data = json.loads((root / "comparison.json").read_text())
+        assert data["compute_budget"]["kind"] == kind
+        steps = {}
+        for method in ("full", "lora"):
+            probe = json.loads((root / "probe" / method / "results.json").read_text())
+            assert probe["steps"] == 8 and "test_metrics" not in probe
+            runtime = probe["train_runtime_s"]
+            per_step = runtime / 8 if kind == "time" else probe["train_tokens_per_s"] * runtime / 8
+            steps[method] = max(1, math.floor(float(amount) / per_step))
+            final = json.loads((root / method / "seed1" / "results.json").read_text())
+            assert final["steps"] == steps[method] == data["compute_budget"]["methods"][method]["steps"]
+        if kind == "tokens":  # the same data in the same order: the same tokens per step for every method
+            assert steps["full"] == steps["lora"]
+        assert "Compute-matched: every method trained for" in (root / "comparison.md").read_text()
+    assert main(["compare", str(recipe), "--methods", "lora", "--compute-matched", "time=soon", "--dry-run"]) == 2
+    assert "--compute-matched 'time=soon': expected time=SECONDS or tokens=N" in capsys.readouterr().err
