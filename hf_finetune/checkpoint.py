@@ -26,7 +26,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from hf_finetune.device import Padding
 from hf_finetune.errors import DiskFull, InputError
 from hf_finetune.hub import resolve_model
-from hf_finetune.methods import Method, get_method
+from hf_finetune.methods import Method, TaskInfo, get_method
 from hf_finetune.recipe import Recipe, recipe_from_dict
 from hf_finetune.tasks import Task, get_task
 
@@ -353,6 +353,7 @@ def load_final(
     if (folder / "adapter_config.json").exists() and not (folder / SAFE_ADAPTER_NAME).is_file():
         raise InputError(f"checkpoint: {folder} has no {SAFE_ADAPTER_NAME}; only safetensors weights are loaded")
     method = get_method(info["method"])
+    task.model_kwargs = method.load_kwargs(TaskInfo(task.peft_task_type, task.head_modules))
     if method.saves_whole_model:
         model = task.load_model(str(folder))
     else:

@@ -168,12 +168,14 @@ def _setup(recipe: Recipe, overwrite: bool, accelerator: Accelerator, settings: 
     lr = t.lr or method.defaults["lr"]
     warmup_ratio = t.warmup_ratio if t.warmup_ratio is not None else method.warmup_ratio
 
+    info = TaskInfo(task.peft_task_type, task.head_modules, schedule.total_steps, task.new_token_ids)
+    task.model_kwargs = method.load_kwargs(info)
     model = task.load_model(model_path)
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if t.gradient_checkpointing:
         enable_gradient_checkpointing(model, method.name)
-    model = method.apply(model, cfg, TaskInfo(task.peft_task_type, task.head_modules, schedule.total_steps, task.new_token_ids))
+    model = method.apply(model, cfg, info)
     if accelerator.device.type == "cpu" and t.cpu_tuning == "auto":
         tune_model_for_cpu(model, accelerator.mixed_precision, compiling=t.compile)
     trainable, total = count_parameters(model)

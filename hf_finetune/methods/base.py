@@ -124,6 +124,15 @@ class Method:
         self.fit_config(config, model)
         return get_peft_model(model, config)
 
+    def load_kwargs(self, task: TaskInfo) -> dict[str, Any]:
+        """Arguments the method adds to `from_pretrained` when the base weights load (QLoRA: 4-bit quantization)."""
+        return {}
+
+    def merge_source(self, model: torch.nn.Module, reload_base: Any, folder: Path) -> torch.nn.Module:
+        """The model `merge` folds: by default the loaded one; `reload_base()` loads the base model afresh and
+        `folder` holds the saved adapter."""
+        return model
+
     def fit_config(self, config: PeftConfig, model: torch.nn.Module) -> None:
         """Adjust the PEFT config to this model before wrapping (targets PEFT cannot look up itself)."""
 

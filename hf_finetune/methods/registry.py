@@ -6,7 +6,7 @@ Everything that lists methods derives from this dict: the recipe's allowed value
 
 from __future__ import annotations
 
-from hf_finetune.methods import adalora, dora, full, ia3, lokr, lora, prefix, prompt, vera
+from hf_finetune.methods import adalora, dora, full, ia3, lokr, lora, prefix, prompt, qlora, vera
 from hf_finetune.methods.base import Method
 
 METHODS: dict[str, Method] = {
@@ -19,6 +19,7 @@ METHODS: dict[str, Method] = {
     "dora": dora.METHOD,
     "lokr": lokr.METHOD,
     "vera": vera.METHOD,
+    "qlora": qlora.METHOD,
 }
 METHOD_NAMES = tuple(METHODS)
 DEFAULT_METHOD = lora.METHOD.name

@@ -146,6 +146,17 @@ class TaskBase:
         self.recipe = recipe
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.padding = Padding()
+        self.model_kwargs: dict[str, Any] = {}
+        """What the method asks of loading the weights (QLoRA: 4-bit quantization), set before `load_model`."""
+
+    def pretrained(self, auto: Any, path: str, **kwargs: Any) -> Any:
+        """`auto.from_pretrained(path)` with the recipe's revision and trust_remote_code, pickle-free weights only,
+        and the method's loading arguments."""
+        m = self.recipe.model
+        return auto.from_pretrained(
+            path, revision=m.revision, trust_remote_code=m.trust_remote_code, use_safetensors=True,
+            **self.model_kwargs, **kwargs,
+        )  # fmt: skip
 
     @classmethod
     def check_recipe(cls, recipe: Recipe) -> list[str]:

@@ -189,12 +189,7 @@ class ChatTask(TaskBase):
         self.marked = "{% generation %}" in tokenizer.chat_template or "{%- generation %}" in tokenizer.chat_template
 
     def load_model(self, path: str) -> PreTrainedModel:
-        model = AutoModelForCausalLM.from_pretrained(
-            path,
-            revision=self.recipe.model.revision,
-            use_safetensors=True,  # pickle-free weights only
-            trust_remote_code=self.recipe.model.trust_remote_code,
-        )
+        model = self.pretrained(AutoModelForCausalLM, path)
         if len(self.tokenizer) > model.get_input_embeddings().weight.shape[0]:
             model.resize_token_embeddings(len(self.tokenizer))
         return model

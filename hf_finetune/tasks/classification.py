@@ -243,14 +243,7 @@ class ClassificationTask(TaskBase):
             config.num_labels = len(self.labels)
             config.id2label, config.label2id = {i: str(v) for i, v in enumerate(self.labels)}, self.label2id
         config.problem_type = self.problem_type
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            path,
-            config=config,
-            revision=m.revision,
-            use_safetensors=True,  # pickle-free weights only
-            trust_remote_code=m.trust_remote_code,
-            output_loading_info=True,
-        )
+        model, info = self.pretrained(AutoModelForSequenceClassification, path, config=config, output_loading_info=True)
         if self.problem_type in (MULTI, REGRESSION) and self.prior is not None:
             self._bias_from_prior(model, info["missing_keys"])
         return model

@@ -125,13 +125,7 @@ class LanguageModelingTask(TaskBase):
             yield from (t for t in batch[self.column] if t)
 
     def load_model(self, path: str) -> PreTrainedModel:
-        auto = AutoModelForCausalLM if self.causal else AutoModelForMaskedLM
-        return auto.from_pretrained(
-            path,
-            revision=self.recipe.model.revision,
-            use_safetensors=True,  # pickle-free weights only
-            trust_remote_code=self.recipe.model.trust_remote_code,
-        )
+        return self.pretrained(AutoModelForCausalLM if self.causal else AutoModelForMaskedLM, path)
 
     # ---- tokenising and packing ----------------------------------------------------------------------------------
 

@@ -245,9 +245,7 @@ class QuestionAnsweringTask(TaskBase):
             raw[split] = table
 
     def load_model(self, path: str) -> PreTrainedModel:
-        return AutoModelForQuestionAnswering.from_pretrained(
-            path, revision=self.recipe.model.revision, trust_remote_code=self.recipe.model.trust_remote_code
-        )
+        return self.pretrained(AutoModelForQuestionAnswering, path)
 
     def _windows(self, batch: dict[str, list]) -> Any:
         tokenizer = self.tokenizer

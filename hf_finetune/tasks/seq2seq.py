@@ -159,11 +159,11 @@ class Seq2SeqTask(TaskBase):
         config = AutoConfig.from_pretrained(path, **common)
         if getattr(config, "is_encoder_decoder", False):  # includes a saved EncoderDecoderModel
             self.decoder_only = False
-            return AutoModelForSeq2SeqLM.from_pretrained(path, use_safetensors=True, **common)
+            return self.pretrained(AutoModelForSeq2SeqLM, path)
         if self.recipe.model.encoder_decoder_from:
             return bert2bert(path)
         self.decoder_only = True
-        return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, **common)
+        return self.pretrained(AutoModelForCausalLM, path)
 
     def _separator(self, tokenizer: PreTrainedTokenizerBase) -> list[int]:
         if self.cfg.separator is not None:

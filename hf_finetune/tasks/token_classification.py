@@ -165,14 +165,12 @@ class TokenClassificationTask(TaskBase):
         return [ids.get("I-" + t[2:], i) if t.startswith("B-") else i for i, t in enumerate(self.labels)]
 
     def load_model(self, path: str) -> PreTrainedModel:
-        return AutoModelForTokenClassification.from_pretrained(
+        return self.pretrained(
+            AutoModelForTokenClassification,
             path,
             num_labels=len(self.labels),
             id2label=dict(enumerate(self.labels)),
             label2id={t: i for i, t in enumerate(self.labels)},
-            revision=self.recipe.model.revision,
-            use_safetensors=True,  # pickle-free weights only
-            trust_remote_code=self.recipe.model.trust_remote_code,
         )
 
     def features(
