@@ -20,6 +20,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import DataCollatorWithPadding
 
 from hf_finetune.dropout import use_fast_dropout
+from hf_finetune.errors import InputError
 from hf_finetune.system import choose_precision, prepare_run
 
 if TYPE_CHECKING:
@@ -120,12 +121,31 @@ def make_accelerator(t: TrainingConfig, out: Path) -> Accelerator:
         # regional compilation compiles one encoder/decoder block and reuses it for the others (minutes less on a CPU)
         dynamo_plugin=TorchDynamoPlugin(backend="inductor", use_regional_compilation=True) if t.compile else None,
     )
+    if launched > 1 and not has_device and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        shard_on_cpu(accelerator)
     if accelerator.num_processes != launched:
         raise RuntimeError(
             f"the launcher started {launched} processes but accelerate sees {accelerator.num_processes}; "
             "they would train independently and write over each other's files"
         )
     return accelerator
+
+
+def shard_on_cpu(accelerator: Accelerator) -> None:
+    """`accelerate launch --use_fsdp` on CPU processes: accelerate 1.15 turns the launcher's FSDP settings into FSDP
+    only on accelerator devices (MULTI_GPU, MULTI_XPU, ...) and runs a CPU process group as plain DDP, though torch's
+    `fully_shard` (FSDP2) shards over gloo. The shared state is switched to FSDP with the launcher's plugin, so
+    `prepare` shards the model and `get_state_dict` gathers it, as on GPUs."""
+    from accelerate import FullyShardedDataParallelPlugin, PartialState
+    from accelerate.utils import DistributedType
+
+    plugin = FullyShardedDataParallelPlugin()  # every setting from the launcher's FSDP_* environment
+    if plugin.fsdp_version != 2:
+        raise InputError("FSDP on CPU processes needs FSDP2 (accelerate launch --fsdp_version 2)")
+    # both shared states: every later AcceleratorState() copies the process state's distributed type over its own
+    PartialState().distributed_type = DistributedType.FSDP
+    accelerator.state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = plugin
 
 
 # ---- CPU tuning -----------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import pytest
 import torch.distributed as dist
 import yaml
 from conftest import sentences, tiny_recipe, write_jsonl
+from test_language_modeling import tiny_gpt2  # noqa: F401 (fixture)
 
 from hf_finetune.cli import main
 
@@ -51,6 +52,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def launch(args: list[str], flags: tuple[str, ...] = ("--multi_gpu", "--num_processes", "2"), script: Path | None = None,
+           timeout: int = 240) -> subprocess.CompletedProcess:  # fmt: skip
+    """`accelerate launch FLAGS -m hf_finetune ARGS` (or `SCRIPT ARGS`) on this CPU, stdout and stderr together. It
+    runs in its own session, so that a hung launch is killed with its workers instead of outliving the test."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    target = [str(script)] if script else ["-m", "hf_finetune"]
+    command = [sys.executable, "-m", "accelerate.commands.launch", *flags, "--main_process_port", str(free_port()),
+               *target, *args]  # fmt: skip
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # fmt: skip
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)  # torchrun passes SIGTERM on to its workers, in their own groups
+        try:
+            output, _ = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            output, _ = proc.communicate()
+        pytest.fail(f"accelerate launch hung:\n{output[-3000:]}")
+    return subprocess.CompletedProcess(command, proc.returncode, output, "")
+
+
 def log(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -71,28 +95,8 @@ def test_two_processes_match_one_with_twice_the_batch(
 
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(["train", str(recipe), f"output_dir={one}", f"training.batch_size={2 * BATCH}"]) == 0
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--main_process_port", str(free_port()), "-m", "hf_finetune"]  # fmt: skip
-    # its own session, so a hung worker can be killed with the launcher rather than outlive the test
-    proc = subprocess.Popen(
-        [*launch, "train", str(recipe), f"output_dir={two}", f"training.batch_size={BATCH}"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )  # fmt: skip
-    try:
-        output, _ = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(
-            proc.pid, signal.SIGTERM
-        )  # torchrun passes SIGTERM on to its workers, which run in their own groups
-        try:
-            output, _ = proc.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            output, _ = "", None
-        pytest.fail(f"accelerate launch hung:\n{output[-3000:]}")
-    done = subprocess.CompletedProcess(proc.args, proc.returncode, "", output)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = launch(["train", str(recipe), f"output_dir={two}", f"training.batch_size={BATCH}"])
+    assert done.returncode == 0, done.stdout[-3000:]
 
     r1, r2 = (json.loads((d / "results.json").read_text()) for d in (one, two))
     assert (r2["world_size"], r2["global_batch_size"]) == (2, 2 * BATCH)
@@ -124,7 +128,7 @@ def test_shipped_accelerate_configs_parse() -> None:
     }
     assert kinds == {
         "single_gpu": "NO", "multi_gpu": "MULTI_GPU", "fsdp_full_shard": "FSDP", "deepspeed_zero2": "DEEPSPEED",
-        "deepspeed_zero3": "DEEPSPEED", "multi_node": "MULTI_GPU",
+        "deepspeed_zero3": "DEEPSPEED", "multi_node": "MULTI_GPU", "fsdp_cpu": "FSDP",
     }  # fmt: skip
 
 
@@ -157,17 +161,9 @@ def test_a_signal_to_one_process_stops_every_process_at_the_same_step(
     recipe.write_text(yaml.safe_dump(raw))
     script = tmp_path / "signaller.py"
     script.write_text(RANK_1_SIGNALLER)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--main_process_port", str(free_port()), str(script)]  # fmt: skip
-    proc = subprocess.Popen([*launch, "train", str(recipe)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
-    try:
-        output, _ = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("accelerate launch hung after the signal")
-    assert proc.returncode != 0, output[-3000:]
+    done = launch(["train", str(recipe)], script=script)
+    output = done.stdout
+    assert done.returncode != 0, output[-3000:]
     # one line from each process (the two processes' stderr interleave, a progress bar may precede a line)
     stops = re.findall(r"hf-finetune: stopped by SIGTERM after step (\d+) of 10", output)
     assert stops == ["4", "4"], output[-3000:]
@@ -195,13 +191,67 @@ def test_two_processes_weight_every_token_of_a_seq2seq_batch_alike(tmp_path: Pat
     recipe.write_text(yaml.safe_dump(raw))
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(["train", str(recipe), f"output_dir={one}", f"training.batch_size={2 * BATCH}"]) == 0
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--main_process_port", str(free_port()), "-m", "hf_finetune"]  # fmt: skip
-    done = subprocess.run([*launch, "train", str(recipe), f"output_dir={two}", f"training.batch_size={BATCH}"],
-                          env=env, capture_output=True, text=True, timeout=240)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = launch(["train", str(recipe), f"output_dir={two}", f"training.batch_size={BATCH}"])
+    assert done.returncode == 0, done.stdout[-3000:]
     losses1, losses2 = ([r["loss"] for r in log(d) if "loss" in r] for d in (one, two))
     assert losses2 == pytest.approx(losses1, rel=1e-4)
     r1, r2 = (json.loads((d / "results.json").read_text())["metrics"] for d in (one, two))
     assert r2["eval_loss"] == pytest.approx(r1["eval_loss"], rel=1e-4)
+
+
+# ---- FSDP2 on two CPU processes -------------------------------------------------------------------------------------
+
+FSDP_CPU = ("--config_file", str(ROOT / "scripts" / "accelerate" / "fsdp_cpu.yaml"))
+FSDP_CASES = {
+    ("classification", "full"): 3e-3, ("classification", "lora"): 1e-2, ("classification", "prefix"): 1e-2,
+    ("causal_lm", "full"): 3e-3, ("causal_lm", "lora"): 1e-2,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(("task", "method"), list(FSDP_CASES))
+def test_fsdp_on_two_cpu_processes_trains_like_one_and_saves_a_plain_model(
+    task: str, method: str, no_dropout_bert: Path, tiny_gpt2: Path, tmp_path: Path  # noqa: F811 (fixture)
+) -> None:
+    from test_language_modeling import lm_recipe, story
+
+    from hf_finetune.evaluation import evaluate_checkpoint
+    from hf_finetune.recipe import recipe_from_dict
+
+    settings = {"method.name": method, "method.dropout": 0.0, "training.lr": FSDP_CASES[task, method],
+                "training.max_steps": 6, "training.logging_every": 1, "training.save_every": 3}  # fmt: skip
+    if task == "classification":
+        write_jsonl(tmp_path / "train.jsonl", sentences(256, seed=1))
+        write_jsonl(tmp_path / "validation.jsonl", sentences(40, seed=2))
+        raw = tiny_recipe(no_dropout_bert, tmp_path, tmp_path / "unused", **settings)
+    else:
+        write_jsonl(tmp_path / "train.jsonl", [{"text": t} for t in story(160, 1)])
+        write_jsonl(tmp_path / "validation.jsonl", [{"text": t} for t in story(24, 2)])
+        raw = lm_recipe(tiny_gpt2, tmp_path, tmp_path / "unused", **settings)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(["train", str(recipe), f"output_dir={one}", f"training.batch_size={2 * BATCH}"]) == 0
+    done = launch(["train", str(recipe), f"output_dir={two}", f"training.batch_size={BATCH}"], FSDP_CPU)
+    assert done.returncode == 0, done.stdout[-3000:]
+    # the checkpoint is FSDP's own (accelerate's full state dict of the sharded model), not DDP's safetensors
+    assert (two / "checkpoints" / "step_00000003" / "pytorch_model_fsdp.bin").is_file()
+    r1, r2 = (json.loads((d / "results.json").read_text()) for d in (one, two))
+    assert (r2["world_size"], r2["global_batch_size"]) == (2, 2 * BATCH)
+    losses1, losses2 = ([r["loss"] for r in log(d) if "loss" in r] for d in (one, two))
+    assert losses2 == pytest.approx(losses1, rel=1e-4)
+    assert r2["metrics"] == pytest.approx(r1["metrics"], rel=1e-4)
+    # model/ holds the gathered full state: it loads in one plain process and scores what the sharded model did
+    again = evaluate_checkpoint(recipe_from_dict(raw), str(two))
+    assert again["metrics"] == pytest.approx(r2["metrics"], rel=1e-5)
+
+    if (task, method) == ("classification", "full"):
+        # a checkpoint written under FSDP resumes exactly: the last three steps again from step 3
+        resumed = tmp_path / "resumed"
+        shutil.copytree(two, resumed, ignore=shutil.ignore_patterns("step_00000006", "model", "results.json"))
+        lines = [line for line in (resumed / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= 3]
+        (resumed / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+        done = launch(["train", str(recipe), f"output_dir={resumed}", f"training.batch_size={BATCH}",
+                       "training.resume=true"], FSDP_CPU)  # fmt: skip
+        assert done.returncode == 0, done.stdout[-3000:]
+        assert [r["loss"] for r in log(resumed) if "loss" in r] == losses2
+        assert json.loads((resumed / "results.json").read_text())["metrics"] == r2["metrics"]

@@ -72,20 +72,25 @@ class SoftPromptWrapper(torch.nn.Module):
         share = 100 * trainable / total
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}")
 
-    def _trainable_state(self) -> dict[str, torch.Tensor]:
+    def _trainable_state(self, full: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The saved tensors: the learned prompt/prefix and the modules trained in full; read from `full`, the
+        gathered state dict of this wrapper, where the parameters themselves are shards (FSDP)."""
         learned = getattr(self, self.TRAINABLE)
         state = {f"{self.TRAINABLE}.{k}": v for k, v in learned.state_dict().items()}
         for name, module in self._saved_modules.items():
             state.update(module.state_dict(prefix=f"modules_to_save.{name}."))
+        if full is not None:
+            # the wrapper holds the task model as `base_model`: a saved module's tensors sit under its name there
+            state = {k: full[k if k.startswith(self.TRAINABLE) else "base_model." + k.split(".", 1)[1]] for k in state}
         return state
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+    def save_pretrained(self, save_directory: str | os.PathLike, state_dict: dict | None = None) -> None:
         out = Path(save_directory)
         out.mkdir(parents=True, exist_ok=True)
         meta = {**asdict(self.prefix_config), "base_model_name_or_path": self.base_model.name_or_path}
         meta.update(self.geometry)  # lets from_pretrained refuse a base model of another shape
         (out / self.CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self._trainable_state().items()}
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self._trainable_state(state_dict).items()}
         save_file(tensors, str(out / self.WEIGHTS_NAME), metadata={"format": "pt"})
 
     @classmethod
