@@ -242,20 +242,11 @@ def specs(data: dict[str, Any], run_dirs: dict[tuple[str, int], Path]) -> list[t
                            "interpolate": "step-after"}, "encoding": {"x": x, "y": y}})  # fmt: skip
         name = "Quality against trainable parameters (Pareto front dashed)" if log else "Quality against train time"
         charts.append((f"{name}; means with 95% CI, seeds faint", {"width": 480, "height": 300, "layer": layers}))
-    charts.append(("Peak memory", {
-        "width": 480, "height": 300, "data": {"values": means}, "mark": "bar",
-        "encoding": {"x": {"field": "method", "type": "nominal", "sort": None}, "color": color,
-                     "y": {"field": "peak_memory_mb", "type": "quantitative", "title": "peak memory (MB)"},
-                     "tooltip": [{"field": "method"}, {"field": "peak_memory_mb", "format": ".0f"}]},
-    }))  # fmt: skip
+    charts.append(("Peak memory", bars(means, "peak_memory_mb", "peak memory (MB)", ".0f")))
     forgetting = [{"method": s["method"], "increase": s["forgetting"]} for s in done if s.get("forgetting") is not None]
     if forgetting:
-        charts.append(("Forgetting: increase of the general-text LM loss", {
-            "width": 480, "height": 300, "data": {"values": forgetting}, "mark": "bar",
-            "encoding": {"x": {"field": "method", "type": "nominal", "sort": None}, "color": color,
-                         "y": {"field": "increase", "type": "quantitative", "title": "LM loss after - before"},
-                         "tooltip": [{"field": "method"}, {"field": "increase", "format": ".4f"}]},
-        }))  # fmt: skip
+        charts.append(("Forgetting: increase of the general-text LM loss",
+                       bars(forgetting, "increase", "LM loss after - before", ".4f")))  # fmt: skip
     curves = loss_curves(run_dirs)
     if curves:
         charts.append(("Training loss", {
@@ -266,6 +257,17 @@ def specs(data: dict[str, Any], run_dirs: dict[tuple[str, int], Path]) -> list[t
                          "tooltip": [{"field": f} for f in ("method", "seed", "step", "loss")]},
         }))  # fmt: skip
     return charts
+
+
+def bars(values: list[dict[str, Any]], field: str, title: str, number: str) -> dict[str, Any]:
+    """One bar per method, in the summary's order."""
+    return {
+        "width": 480, "height": 300, "data": {"values": values}, "mark": "bar",
+        "encoding": {"x": {"field": "method", "type": "nominal", "sort": None},
+                     "color": {"field": "method", "type": "nominal"},
+                     "y": {"field": field, "type": "quantitative", "title": title},
+                     "tooltip": [{"field": "method"}, {"field": field, "format": number}]},
+    }  # fmt: skip
 
 
 def loss_curves(run_dirs: dict[tuple[str, int], Path]) -> list[dict[str, Any]]:

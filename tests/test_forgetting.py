@@ -59,6 +59,7 @@ def test_increase_per_method_is_zero_for_a_frozen_body_and_reruns_reuse(tiny_ber
     assert run["lm_loss_after"] == pytest.approx(header["before"] + run["forgetting"])
     md = (tmp_path / "cmp" / "comparison.md").read_text()
     assert "## Forgetting" in md and f"- full: {change['full']:+.4f}" in md
+    assert "Forgetting: increase of the general-text LM loss" in (tmp_path / "cmp" / "report.html").read_text()
 
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "cmp").rglob("forgetting.json")}
     assert len(stamps) == 3
