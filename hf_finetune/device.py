@@ -103,9 +103,19 @@ class RulePadding(DataCollatorWithPadding):
         return DataCollatorWithPadding.__call__(fixed, features)
 
 
+# accelerate 1.15 enables DeepSpeed only when its state is not told to use the CPU, and CPU processes form one process
+# group only when it is: DeepSpeed on CPU processes would silently train as DDP, or as unrelated single processes
+DEEPSPEED_ON_CPU = (
+    "accelerate launch --use_deepspeed: no GPU here, and accelerate 1.15 runs DeepSpeed only on accelerator devices "
+    "(on CPU processes it would silently train as plain DDP); use scripts/accelerate/fsdp_cpu.yaml to shard on CPUs"
+)
+
+
 def make_accelerator(t: TrainingConfig, out: Path) -> Accelerator:
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     has_device = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+    if not has_device and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        raise InputError(DEEPSPEED_ON_CPU)
     prepare_run()  # this recipe's precision and dynamo plugin, not a previous run's
     accelerator = Accelerator(
         gradient_accumulation_steps=t.grad_accum,

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import torch.distributed as dist
 import yaml
 from conftest import sentences, tiny_recipe, write_jsonl
@@ -255,3 +256,27 @@ def test_fsdp_on_two_cpu_processes_trains_like_one_and_saves_a_plain_model(
         assert done.returncode == 0, done.stdout[-3000:]
         assert [r["loss"] for r in log(resumed) if "loss" in r] == losses2
         assert json.loads((resumed / "results.json").read_text())["metrics"] == r2["metrics"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU, DeepSpeed runs")
+def test_deepspeed_without_a_gpu_is_refused_before_anything_is_written(
+    no_dropout_bert: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """What `accelerate launch --config_file scripts/accelerate/deepspeed_zero2.yaml` sets in each process; accelerate
+    1.15 would run DeepSpeed on CPU processes as plain DDP, silently."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    for name in ("deepspeed_zero2", "deepspeed_zero3"):
+        config = load_config_from_file(str(ROOT / "scripts" / "accelerate" / f"{name}.yaml"))
+        assert config.deepspeed_config["zero_stage"] == int(name[-1])
+    write_jsonl(tmp_path / "train.jsonl", sentences(64, seed=1))
+    write_jsonl(tmp_path / "validation.jsonl", sentences(16, seed=2))
+    out = tmp_path / "run"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe(no_dropout_bert, tmp_path, out, **{"training.max_steps": 2})))
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    assert main(["train", str(recipe)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("hf-finetune: error: accelerate launch --use_deepspeed: no GPU here")
+    assert "scripts/accelerate/fsdp_cpu.yaml" in err[-1]
+    assert not out.exists()
