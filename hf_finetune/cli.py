@@ -273,10 +273,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from hf_finetune.checkpoint import find_model_dir, load_final
     from hf_finetune.merging import merge_checkpoint
 
-    merge_checkpoint(load_final(args.checkpoint), Path(args.output), find_model_dir(args.checkpoint))
+    merge_checkpoint(args.checkpoint, Path(args.output))
     return 0
 
 

@@ -6,20 +6,19 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 
 from peft import PeftModel
 
-from hf_finetune.checkpoint import INFO_NAME
+from hf_finetune.checkpoint import INFO_NAME, find_model_dir, load_final
 from hf_finetune.errors import InputError
 from hf_finetune.hub import resolve_model
 from hf_finetune.methods import METHODS, get_method
 
 
-def merge_checkpoint(loaded: tuple[Any, Any, Any, dict], output: Path, folder: Path | None = None) -> Path:
-    """`loaded` (load_final's) folded into a plain model folder at `output`; `folder`, the loaded model folder, is
-    where a method that merges from a fresh base (QLoRA: dequantized) reads its adapter again."""
-    task, model, tokenizer, info = loaded
+def merge_checkpoint(checkpoint: str | Path, output: Path) -> Path:
+    """The trained run (its output_dir or model folder) folded into a plain model folder at `output`."""
+    folder = find_model_dir(checkpoint)
+    task, model, tokenizer, info = load_final(folder)
     if output.exists():  # before any work, so nothing is left behind
         raise InputError(f"merge: {output} already exists; choose a new --output")
     name = info["method"]
@@ -31,9 +30,9 @@ def merge_checkpoint(loaded: tuple[Any, Any, Any, dict], output: Path, folder: P
     if not method.mergeable or not isinstance(model, PeftModel):
         mergeable = ", ".join(n for n, m in METHODS.items() if m.mergeable)
         raise InputError(f"merge: method '{name}' already saved a plain model; nothing to merge (mergeable: {mergeable})")
-    if folder is not None:
-        base = resolve_model(info["base_model"], task.recipe.model.revision)
-        model = method.merge_source(model, lambda: task.load_model(base), folder)
+    base = resolve_model(info["base_model"], task.recipe.model.revision)
+    # QLoRA folds its adapters into the dequantized base, loaded afresh
+    model = method.merge_source(model, lambda: task.load_model(base), folder)
     merged = model.merge_and_unload()
     tmp = output.with_name(f".{output.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)

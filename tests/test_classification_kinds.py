@@ -255,7 +255,7 @@ def test_compare_ranks_regression_by_pearson_and_merge_keeps_the_head(
     assert data["primary_metric"] == "pearson"
     lora = tmp_path / "cmp" / "lora" / "seed1"
     assert data["runs"][1]["quality"] == json.loads((lora / "results.json").read_text())["metrics"]["pearson"]
-    merged = merge_checkpoint(load_final(lora), tmp_path / "merged")
+    merged = merge_checkpoint(lora, tmp_path / "merged")
     plain = AutoModelForSequenceClassification.from_pretrained(merged)
     assert plain.config.num_labels == 1 and plain.config.problem_type == "regression"
     task, model, tokenizer, _ = load_final(merged)

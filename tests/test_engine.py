@@ -77,7 +77,9 @@ def logits_of(model: torch.nn.Module, tokenizer, texts: list[str]) -> torch.Tens
 
 
 def test_every_method_is_tested() -> None:
-    assert set(LRS) == set(TRAINABLE) == set(METHOD_NAMES)
+    # bitsandbytes' 4-bit kernels need layers at least one 64-wide block wide, and this BERT is 32 wide:
+    # tests/test_qlora.py trains QLoRA on 64-wide models
+    assert set(LRS) == set(TRAINABLE) == set(METHOD_NAMES) - {"qlora"}
 
 
 @pytest.mark.parametrize("method", list(LRS))
@@ -108,7 +110,7 @@ def test_method_trains_only_its_parameters_and_reloads(
     assert torch.equal(logits_of(reloaded, tokenizer, texts), logits_of(model, tokenizer, texts))
 
     if get_method(method).mergeable:
-        merged_dir = merge_checkpoint(load_final(out), tmp_path / "merged")
+        merged_dir = merge_checkpoint(out, tmp_path / "merged")
         merged = AutoModelForSequenceClassification.from_pretrained(merged_dir)
         adapters = [key for key in allowed if key.endswith("_")]
         assert adapters and not any(key in n for n, _ in merged.named_parameters() for key in adapters)

@@ -127,7 +127,7 @@ def test_the_cards_code_loads_each_tasks_adapter_and_merged_folder_as_hf_finetun
     if hasattr(ours, "config") and ours.config.num_labels > 1 and raw["task"] != "question_answering":
         assert plain["model"].config.id2label == ours.config.id2label
 
-    merged = merge_checkpoint(load_final(out), tmp_path / "merged")
+    merged = merge_checkpoint(out, tmp_path / "merged")
     (merged / "README.md").unlink(missing_ok=True)
     plain = card_code_for(merged)
     assert type(plain["model"]).__module__.startswith("transformers")

@@ -12,7 +12,7 @@ import torch
 from test_language_modeling import lm_data, lm_recipe, logged_losses, story  # noqa: F401 (fixture)
 from transformers import AutoModelForCausalLM
 
-from hf_finetune.checkpoint import find_model_dir, load_final
+from hf_finetune.checkpoint import load_final
 from hf_finetune.cli import main
 from hf_finetune.engine import train
 from hf_finetune.evaluation import evaluate_checkpoint
@@ -59,7 +59,7 @@ def test_adapters_train_over_a_frozen_4bit_base_reload_and_merge_to_bf16(
     again = evaluate_checkpoint(recipe_from_dict(raw), str(out))
     assert again["metrics"]["perplexity"] == pytest.approx(results["metrics"]["perplexity"], rel=1e-6)
 
-    merged_dir = merge_checkpoint(load_final(out), tmp_path / "merged", find_model_dir(out))
+    merged_dir = merge_checkpoint(out, tmp_path / "merged")
     plain = AutoModelForCausalLM.from_pretrained(merged_dir)
     assert plain.dtype == torch.bfloat16
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in plain.modules())
@@ -70,6 +70,25 @@ def test_adapters_train_over_a_frozen_4bit_base_reload_and_merge_to_bf16(
     # the same function up to bf16 rounding of the merged weights
     assert torch.equal(quantized.argmax(-1), folded.argmax(-1))
     assert (quantized - folded).abs().max() < 0.05 * quantized.abs().max()
+
+
+def test_a_classifier_head_stays_unquantized_and_trains_in_full(tmp_path: Path) -> None:
+    from conftest import sentences, tiny_recipe, write_jsonl
+
+    dims = Dims(layers=2, d_model=64, heads=4, ffn=128, max_positions=64, vocab_size=120, dropout=0.0)
+    bert = write_scratch_model(tmp_path / "bert", "bert", [r["sentence"] for r in sentences(300, 0)], dims)
+    write_jsonl(tmp_path / "train.jsonl", sentences(256, seed=1))
+    write_jsonl(tmp_path / "validation.jsonl", sentences(64, seed=2))
+    raw = tiny_recipe(bert, tmp_path, tmp_path / "run", **{"method.name": "qlora", "training.lr": 1e-2})
+    results = train(recipe_from_dict(raw))
+    losses = logged_losses(tmp_path / "run")
+    assert losses[-1] < losses[0], losses
+    _, model, _, _ = load_final(tmp_path / "run")
+    head = model.base_model.model.classifier.modules_to_save["default"]
+    assert type(head) is torch.nn.Linear and head.weight.dtype == torch.float32
+    assert isinstance(model.get_base_model().bert.encoder.layer[0].attention.self.query.base_layer, bnb.nn.Linear4bit)
+    again = evaluate_checkpoint(recipe_from_dict(raw), str(tmp_path / "run"))
+    assert again["metrics"] == pytest.approx(results["metrics"], rel=1e-6)
 
 
 def test_without_bitsandbytes_it_is_refused_before_any_weights_load(

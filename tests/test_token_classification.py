@@ -291,7 +291,7 @@ def test_every_method_trains_only_its_parameters_and_reloads(
     scores = evaluate_checkpoint(recipe_from_dict(raw), str(out))
     assert scores["metrics"]["f1"] == pytest.approx(results["metrics"]["f1"], abs=1e-9)
     if get_method(method).mergeable:
-        merged = merge_checkpoint(load_final(out), tmp_path / "merged")
+        merged = merge_checkpoint(out, tmp_path / "merged")
         plain = AutoModelForTokenClassification.from_pretrained(merged)
         assert plain.config.id2label == dict(enumerate(task.labels))
         with torch.no_grad():
