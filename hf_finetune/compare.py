@@ -59,6 +59,23 @@ class Run:
     results: dict[str, Any] = field(default_factory=dict)
     forgetting: dict[str, Any] = field(default_factory=dict)
 
+    def override(self, items: list[str], note: str) -> None:
+        """This run with `items` (dotted overrides) applied: a new recipe, so a new hash."""
+        for item in items:
+            apply_override(self.raw, item)
+        self.source = f"{self.source} ({note})"
+        self.recipe = recipe_from_dict(copy.deepcopy(self.raw), source=self.source)
+
+    def variant(self, items: list[str], out: Path, source: str) -> Run:
+        """A short run derived from this one (an lr-search trial, a compute probe) into `out`, scored on validation
+        only: it has no test split, which must stay unseen by what chooses settings."""
+        raw = copy.deepcopy(self.raw)
+        for item in items:
+            apply_override(raw, item)
+        raw["data"].pop("test", None)
+        raw["output_dir"] = str(out)
+        return Run(self.method, self.seed, recipe_from_dict(copy.deepcopy(raw), source), out, raw, source)
+
 
 def plan(
     recipe_path: str,
@@ -693,12 +710,12 @@ def compare(
     if search is not None:
         record = lr_search.search(
             runs, search, list(dict.fromkeys(r.seed for r in runs)), Path(base.output_dir), base.task, StepCounter(),
-            lambda batch: execute(batch, train_fn), Run,
+            lambda batch: execute(batch, train_fn),
         )  # fmt: skip
         lr_search.apply_choice(runs, record)
     spent = None
     if compute is not None:
-        spent = compute_budget.apply(runs, compute, Path(base.output_dir), lambda batch: execute(batch, train_fn), Run)
+        spent = compute_budget.apply(runs, compute, Path(base.output_dir), lambda batch: execute(batch, train_fn))
     execute(runs, train_fn)
     corpus = forgetting or base.compare.forgetting
     forgot = measure_forgetting(base, runs, corpus) if corpus else None

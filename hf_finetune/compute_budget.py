@@ -9,13 +9,11 @@ budget is the same steps for every method that sees the same data, stated so tha
 
 from __future__ import annotations
 
-import copy
 import math
 from pathlib import Path
 from typing import Any
 
 from hf_finetune.errors import InputError
-from hf_finetune.recipe import apply_override, recipe_from_dict
 
 KINDS = {"time": "seconds of training", "tokens": "training tokens"}
 PROBE_STEPS = 8
@@ -32,32 +30,28 @@ def parse(text: str) -> tuple[str, float]:
     return kind, amount
 
 
-def apply(runs: list[Any], budget: tuple[str, float], root: Path, execute: Any, make_run: Any) -> dict[str, Any]:
+def apply(runs: list[Any], budget: tuple[str, float], root: Path, execute: Any) -> dict[str, Any]:
     """Probe each method, set every run's `training.max_steps` to what the budget buys, and return the record."""
     kind, amount = budget
     record: dict[str, Any] = {"kind": kind, "amount": amount, "unit": KINDS[kind], "probe_steps": PROBE_STEPS,
                               "methods": {}}  # fmt: skip
     for method in dict.fromkeys(r.method for r in runs):
         first = next(r for r in runs if r.method == method)
-        out = root / "probe" / method
-        raw = copy.deepcopy(first.raw)
-        apply_override(raw, f"training.max_steps={PROBE_STEPS}")
-        raw["data"].pop("test", None)
-        raw["output_dir"] = str(out)
-        source = f"compute probe ({method}, {PROBE_STEPS} steps)"
-        probe = make_run(method, first.seed, recipe_from_dict(copy.deepcopy(raw), source), out, raw, source)
+        probe = first.variant([f"training.max_steps={PROBE_STEPS}"], root / "probe" / method,
+                              f"compute probe ({method}, {PROBE_STEPS} steps)")  # fmt: skip
         execute([probe])
         if probe.status == "failed":
             record["methods"][method] = {"error": probe.error, "steps": None}
             continue
         r = probe.results
         seconds = r["train_runtime_s"] / r["steps"]
-        tokens = r["train_tokens_per_s"] * r["train_runtime_s"] / r["steps"]
+        # a whole number of tokens went through: rounding removes the rate x time float noise, so that methods
+        # fed the same data buy the same steps
+        tokens = round(r["train_tokens_per_s"] * r["train_runtime_s"]) / r["steps"]
         per_step = seconds if kind == "time" else tokens
         steps = max(1, math.floor(amount / per_step))
         record["methods"][method] = {"seconds_per_step": seconds, "tokens_per_step": tokens, "steps": steps}
         for run in runs:
             if run.method == method:
-                apply_override(run.raw, f"training.max_steps={steps}")
-                run.recipe = recipe_from_dict(copy.deepcopy(run.raw), source=f"{run.source} ({steps} steps)")
+                run.override([f"training.max_steps={steps}"], f"{steps} steps")
     return record

@@ -10,13 +10,12 @@ unseen until the final runs. Trials are ordinary runs under `output_dir/lr_searc
 
 from __future__ import annotations
 
-import copy
 import math
 from pathlib import Path
 from typing import Any
 
 from hf_finetune.methods import get_method
-from hf_finetune.recipe import LrSearchConfig, Recipe, apply_override, recipe_from_dict
+from hf_finetune.recipe import LrSearchConfig, Recipe
 from hf_finetune.tasks import TASKS
 
 
@@ -36,19 +35,8 @@ def trial_steps(total: int, cfg: LrSearchConfig, rung: int) -> int:
     return min(total, max(1, round(total * cfg.budget * 2**rung)))
 
 
-def trial_raw(raw: dict[str, Any], lr: float, steps: int, seed: int, out: Path) -> dict[str, Any]:
-    """The method's run recipe at `lr`, `steps` and `seed`, scored on validation only (no test split: the search
-    must not see it) and written to `out`."""
-    trial = copy.deepcopy(raw)
-    for item in (f"training.lr={lr!r}", f"training.max_steps={steps}", f"training.seed={seed}"):
-        apply_override(trial, item)
-    trial["data"].pop("test", None)
-    trial["output_dir"] = str(out)
-    return trial
-
-
 def search(runs: list[Any], cfg: LrSearchConfig, seeds: list[int], root: Path, task: str, steps_of: Any,
-           execute: Any, make_run: Any) -> dict[str, Any]:  # fmt: skip
+           execute: Any) -> dict[str, Any]:  # fmt: skip
     """Run the trials of every method and return the search record: per method, its centre rate, every trial (rate,
     steps, rung, score, status) and the chosen rate (None when every trial failed: the method keeps its own)."""
     seed = cfg.seed if cfg.seed is not None else seeds[0]
@@ -66,12 +54,12 @@ def search(runs: list[Any], cfg: LrSearchConfig, seeds: list[int], root: Path, t
             if steps == previous_steps:  # the budget reached the full run: another rung would repeat this one
                 break
             previous_steps = steps
-            batch = []
-            for lr in alive:
-                out = root / "lr_search" / method / f"lr{lr:g}-steps{steps}"
-                raw = trial_raw(first.raw, lr, steps, seed, out)
-                source = f"lr search ({method}, lr {lr:g}, {steps} steps)"
-                batch.append(make_run(method, seed, recipe_from_dict(copy.deepcopy(raw), source), out, raw, source))
+            batch = [
+                first.variant([f"training.lr={lr!r}", f"training.max_steps={steps}", f"training.seed={seed}"],
+                              root / "lr_search" / method / f"lr{lr:g}-steps{steps}",
+                              f"lr search ({method}, lr {lr:g}, {steps} steps)")
+                for lr in alive
+            ]  # fmt: skip
             execute(batch)
             scored = []
             for lr, run in zip(alive, batch, strict=True):
@@ -116,5 +104,4 @@ def apply_choice(runs: list[Any], record: dict[str, Any]) -> None:
         chosen = record["methods"].get(run.method, {}).get("chosen")
         if chosen is None:
             continue
-        apply_override(run.raw, f"training.lr={chosen!r}")
-        run.recipe = recipe_from_dict(copy.deepcopy(run.raw), source=f"{run.source} at lr {chosen:g}")
+        run.override([f"training.lr={chosen!r}"], f"at lr {chosen:g}")

@@ -267,7 +267,7 @@ def test_compute_matched_gives_each_method_the_steps_its_budget_buys(
             probe = json.loads((root / "probe" / method / "results.json").read_text())
             assert probe["steps"] == 8 and "test_metrics" not in probe
             runtime = probe["train_runtime_s"]
-            per_step = runtime / 8 if kind == "time" else probe["train_tokens_per_s"] * runtime / 8
+            per_step = runtime / 8 if kind == "time" else round(probe["train_tokens_per_s"] * runtime) / 8
             steps[method] = max(1, math.floor(float(amount) / per_step))
             final = json.loads((root / method / "seed1" / "results.json").read_text())
             assert final["steps"] == steps[method] == data["compute_budget"]["methods"][method]["steps"]
