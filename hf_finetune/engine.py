@@ -37,7 +37,7 @@ from hf_finetune.data import load_splits
 from hf_finetune.device import cpu_process_settings, make_accelerator, padding_for, tune_model_for_cpu
 from hf_finetune.errors import InputError, Stopped
 from hf_finetune.hub import check_model, count_parameters, load_tokenizer, model_key, resolve_model
-from hf_finetune.losses import smoothed_token_loss
+from hf_finetune.losses import separate_head, smoothed_token_loss, token_nll
 from hf_finetune.methods import METHODS, Method, TaskInfo, build_optimizer, get_method
 from hf_finetune.recipe import MethodConfig, Recipe
 from hf_finetune.sampling import Schedule, build_loaders, make_schedule
@@ -76,6 +76,9 @@ class Run:
     """Process settings held for the run (the CPU tuning's), released by `finish`."""
     stream: Stream | None = None
     """The training split when it is streamed (its position goes into every checkpoint)."""
+    head: torch.nn.Module | None = None
+    """The output head applied apart from the body, in pieces, for the token loss (`losses.token_nll`); None where
+    the model's own loss is used."""
 
     @property
     def out(self) -> Path:
@@ -216,9 +219,11 @@ def _setup(recipe: Recipe, overwrite: bool, accelerator: Accelerator, settings: 
     accelerator.log_with = make_trackers(t.report_to, out)  # accelerate's tracker objects, started by init_trackers
     accelerator.init_trackers(PROJECT, config=flat_config(resolved))
     log = checkpoint.MetricsLog(out / "metrics.jsonl", accelerator)
+    # a method's own loss term (AdaLoRA's) comes only with the model's loss, which needs the whole batch's logits
+    head = separate_head(model, accelerator) if task.chunked_head and not method.adds_loss_term else None
     return Run(
         recipe, accelerator, task, method, cfg, model, tokenizer, model_path, train_loader, eval_loaders,
-        optimizer, scheduler, schedule, log, resolved, trainable, total, resumed, settings, stream,
+        optimizer, scheduler, schedule, log, resolved, trainable, total, resumed, settings, stream, head,
     )  # fmt: skip
 
 
@@ -419,6 +424,14 @@ def micro_batch_loss(
     """The loss to back-propagate for one micro-batch, and its detached value for the log (the window's token mean
     over the micro-batches, when `scale` applies)."""
     t = run.recipe.training
+    if run.head is not None:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        with run.accelerator.autocast():
+            nll, labels = token_nll(run.model, inputs, batch["labels"], run.task.shift_labels, run.head,
+                                    t.label_smoothing)  # fmt: skip
+        summed = nll.sum()
+        loss = summed / (labels != -100).sum().clamp(min=1) if scale is None else summed * scale
+        return loss, loss.detach().float()
     with run.accelerator.autocast():
         outputs = run.model(**batch)
     if scale is None:

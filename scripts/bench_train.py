@@ -96,6 +96,13 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def peak_cuda_mb() -> float | None:
+    """CUDA's max allocated on a GPU (the resident set there is the host side only), else None."""
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+
+
 def run_ours(cfg: dict[str, Any]) -> dict[str, Any]:
     import torch
 
@@ -145,6 +152,7 @@ def run_ours(cfg: dict[str, Any]) -> dict[str, Any]:
         "eval_s": eval_times[-1],
         "accuracy": results["metrics"]["accuracy"],
         "peak_rss_mb": peak_rss_mb(),
+        "peak_cuda_mb": peak_cuda_mb(),
         "steps": results["steps"],
         "precision": results["precision"],
         "threads": torch.get_num_threads(),
@@ -311,6 +319,7 @@ def run_peer(cfg: dict[str, Any]) -> dict[str, Any]:
         "eval_s": eval_s,
         "accuracy": scores["eval_accuracy"],
         "peak_rss_mb": peak_rss_mb(),
+        "peak_cuda_mb": peak_cuda_mb(),
         "steps": trainer.state.global_step,
         "precision": cfg.get("peer_precision", "fp32"),
         "threads": torch.get_num_threads(),

@@ -46,6 +46,9 @@ class Task(Protocol):
     """Token limit when the recipe leaves `training.max_length` unset."""
     token_level: ClassVar[bool]
     """The loss is a mean over tokens (so label smoothing applies), not over examples."""
+    chunked_head: ClassVar[bool]
+    """The vocabulary-sized output head is applied apart from the body, only at scored tokens and in pieces, in
+    training and evaluation (`losses.token_nll`): peak memory stays flat in vocabulary x tokens."""
     generative: ClassVar[bool]
     """The model writes text (a decoder's positions follow any virtual tokens)."""
     peft_task_type: str | None
@@ -132,6 +135,7 @@ class TaskBase:
     primary_metric: ClassVar[str] = "eval_loss"
     default_max_length: ClassVar[int] = 128
     token_level: ClassVar[bool] = False
+    chunked_head: ClassVar[bool] = False
     generative: ClassVar[bool] = False
     peft_task_type: str | None = None
     head_modules: tuple[str, ...] = ()

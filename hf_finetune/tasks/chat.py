@@ -27,7 +27,7 @@ from hf_finetune.data import say
 from hf_finetune.device import right_pad
 from hf_finetune.errors import InputError
 from hf_finetune.inference import batched_rows, gathered_outputs
-from hf_finetune.losses import token_losses
+from hf_finetune.losses import separate_head, token_nll
 from hf_finetune.tasks.base import TaskBase, example_ids
 
 if TYPE_CHECKING:
@@ -122,6 +122,7 @@ class ChatTask(TaskBase):
     primary_metric = "perplexity"
     default_max_length = 1024
     token_level = True
+    chunked_head = True
     generative = True
     shift_labels = True
     head_modules: tuple[str, ...] = ()
@@ -318,13 +319,14 @@ class ChatTask(TaskBase):
         split: str = "validation",
         records: list[dict] | None = None,
     ) -> dict[str, float]:
+        head = separate_head(model, accelerator)
+
         def forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             index = batch.pop("example_index")
             labels = batch.pop("labels")
             with accelerator.autocast():
-                logits = model(**batch).logits
-            sums, counts = token_losses(logits, labels, shift=True)
-            return {"index": index, "sums": sums, "counts": counts}
+                nll, aligned = token_nll(model, batch, labels, True, head)
+            return {"index": index, "sums": nll.sum(1).double(), "counts": (aligned != -100).sum(1)}
 
         losses: dict[int, tuple[float, int]] = {}
         for out in gathered_outputs(model, loader, accelerator, forward):

@@ -33,7 +33,7 @@ from hf_finetune.data import require_columns, resolve_path
 from hf_finetune.device import Padding, right_pad
 from hf_finetune.errors import InputError
 from hf_finetune.inference import batched_rows, gathered_outputs
-from hf_finetune.losses import token_losses
+from hf_finetune.losses import separate_head, token_nll
 from hf_finetune.metrics import load_metric
 from hf_finetune.sampling import eval_order
 from hf_finetune.streaming import PackedStream
@@ -55,6 +55,7 @@ class LanguageModelingTask(TaskBase):
     primary_metric = "perplexity"
     default_max_length = DEFAULT_BLOCK_SIZE
     token_level = True
+    chunked_head = True
     generative = True
     streams = True
     head_modules: tuple[str, ...] = ()  # the LM head is pretrained (and usually tied to the embeddings)
@@ -252,12 +253,13 @@ class LanguageModelingTask(TaskBase):
         A saved prediction row is one block: its text, scored tokens and their mean loss."""
         metric = load_metric("perplexity")
 
+        head = separate_head(model, accelerator)
+
         def forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             labels = batch.pop("labels")
             with accelerator.autocast():
-                logits = model(**batch).logits
-            sums, counts = token_losses(logits, labels, shift=self.shift_labels)
-            return {"sums": sums, "counts": counts}
+                nll, aligned = token_nll(model, batch, labels, self.shift_labels, head)
+            return {"sums": nll.sum(1).double(), "counts": (aligned != -100).sum(1)}
 
         sums, counts = [], []
         for out in gathered_outputs(model, loader, accelerator, forward):
