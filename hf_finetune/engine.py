@@ -543,6 +543,7 @@ def finish(run: Run, state: LoopState) -> dict[str, Any]:
         "epochs": state.step / run.schedule.per_epoch,
         "seed": recipe.training.seed,
         "world_size": world,
+        "distributed_type": str(acc.distributed_type.value),  # NO, MULTI_GPU, MULTI_CPU, FSDP, DEEPSPEED
         "global_batch_size": run.schedule.global_batch,
         "precision": acc.mixed_precision,
         **({"best_checkpoint": json.loads(best.read_text())} if best.is_file() else {}),

@@ -244,6 +244,8 @@ def llama_1b(smoke: bool, tmp: Path, env_info: dict) -> dict:
 
 def fsdp(smoke: bool, tmp: Path) -> dict:
     folder = tmp / "llama"
+    if not folder.exists():  # the llama_1b section builds it; this section may run alone
+        build_llama(LLAMA_SMOKE if smoke else LLAMA, folder)
     out = tmp / "llama-fsdp"
     block = 128 if smoke else 2048
     rc, log = sh([sys.executable, "-m", "accelerate.commands.launch", "--config_file", "scripts/accelerate/fsdp_full_shard.yaml", "--num_processes",
@@ -256,6 +258,7 @@ def fsdp(smoke: bool, tmp: Path) -> dict:
     if rc == 0:
         res = json.loads((out / "results.json").read_text())
         result.update({"steps": res["steps"], "peak_memory_mb": res["peak_memory_mb"],
+                       "distributed_type": res.get("distributed_type"),
                        "plain_model_folder": (out / "model" / "config.json").exists()})  # fmt: skip
     return result
 

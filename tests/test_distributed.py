@@ -100,8 +100,8 @@ def test_two_processes_match_one_with_twice_the_batch(
     assert done.returncode == 0, done.stdout[-3000:]
 
     r1, r2 = (json.loads((d / "results.json").read_text()) for d in (one, two))
-    assert (r2["world_size"], r2["global_batch_size"]) == (2, 2 * BATCH)
-    assert (r1["world_size"], r1["global_batch_size"]) == (1, 2 * BATCH)
+    assert (r2["world_size"], r2["global_batch_size"], r2["distributed_type"]) == (2, 2 * BATCH, "MULTI_CPU")
+    assert (r1["world_size"], r1["global_batch_size"], r1["distributed_type"]) == (1, 2 * BATCH, "NO")
     # only the main process writes: one line per step, not two
     l1, l2 = log(one), log(two)
     assert [r["step"] for r in l2] == [r["step"] for r in l1]
@@ -237,7 +237,7 @@ def test_fsdp_on_two_cpu_processes_trains_like_one_and_saves_a_plain_model(
     # the checkpoint is FSDP's own (accelerate's full state dict of the sharded model), not DDP's safetensors
     assert (two / "checkpoints" / "step_00000003" / "pytorch_model_fsdp.bin").is_file()
     r1, r2 = (json.loads((d / "results.json").read_text()) for d in (one, two))
-    assert (r2["world_size"], r2["global_batch_size"]) == (2, 2 * BATCH)
+    assert (r2["world_size"], r2["global_batch_size"], r2["distributed_type"]) == (2, 2 * BATCH, "FSDP")
     losses1, losses2 = ([r["loss"] for r in log(d) if "loss" in r] for d in (one, two))
     assert losses2 == pytest.approx(losses1, rel=1e-4)
     assert r2["metrics"] == pytest.approx(r1["metrics"], rel=1e-4)
