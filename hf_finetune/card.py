@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from hf_finetune.methods import get_method
 from hf_finetune.recipe import Recipe
 from hf_finetune.tasks import TASKS
 
@@ -65,16 +66,19 @@ def plain_loading_code(folder: Path, name: str | None = None) -> str | None:
         ])  # fmt: skip
     if _library(folder) != "peft":
         return None
-    task_type = json.loads((folder / "adapter_config.json").read_text()).get("task_type")
+    adapter = json.loads((folder / "adapter_config.json").read_text())
+    task_type = adapter.get("task_type")
     config = dict(info.get("head_config", {}))
     if "id2label" in config:  # JSON made its keys strings
         config["id2label"] = {int(k): v for k, v in config["id2label"].items()}
-    head = "".join(f", {k}={v!r}" for k, v in config.items())
+    first, loading = get_method(info["method"]).load_code(adapter)
+    head = "".join(f", {k}={v!r}" for k, v in config.items()) + loading
     if task_type in PEFT_AUTO:
         peft_auto = PEFT_AUTO[task_type]
         return "\n".join([
             f"from peft import {peft_auto}",
             "from transformers import AutoTokenizer",
+            *first,
             "",
             "# the base model comes from adapter_config.json's base_model_name_or_path; the head's labels are given",
             "# here because PEFT builds the base model from the base model's own config first",
@@ -85,6 +89,7 @@ def plain_loading_code(folder: Path, name: str | None = None) -> str | None:
     return "\n".join([
         "from peft import PeftModel",
         f"from transformers import {auto}, AutoTokenizer",
+        *first,
         "",
         f"model = PeftModel.from_pretrained({auto}.from_pretrained({base}{head}), {where})",
         tokenizer,

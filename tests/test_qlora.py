@@ -59,6 +59,21 @@ def test_adapters_train_over_a_frozen_4bit_base_reload_and_merge_to_bf16(
     again = evaluate_checkpoint(recipe_from_dict(raw), str(out))
     assert again["metrics"]["perplexity"] == pytest.approx(results["metrics"]["perplexity"], rel=1e-6)
 
+    # the model card's plain PEFT loader quantizes the base as training did
+    from hf_finetune.card import plain_loading_code
+
+    code = plain_loading_code(out / "model")
+    assert "BitsAndBytesConfig(" in code and "quantization_config=quantization" in code
+    names: dict = {}
+    exec(code, names)
+    assert isinstance(q_proj(names["model"]).base_layer, bnb.nn.Linear4bit)
+    ids = torch.tensor([[1, 5, 9, 14, 20, 33, 41, 7]])
+    with torch.no_grad():
+        ours, theirs = model(input_ids=ids).logits.float(), names["model"](input_ids=ids).logits.float()
+    # without PEFT's k-bit preparation the norms compute in bf16, not fp32: close, not equal
+    assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
+    assert (ours - theirs).abs().max() < 0.05 * ours.abs().max()
+
     merged_dir = merge_checkpoint(out, tmp_path / "merged")
     plain = AutoModelForCausalLM.from_pretrained(merged_dir)
     assert plain.dtype == torch.bfloat16

@@ -128,6 +128,11 @@ class Method:
         """Arguments the method adds to `from_pretrained` when the base weights load (QLoRA: 4-bit quantization)."""
         return {}
 
+    def load_code(self, adapter_config: dict[str, Any]) -> tuple[list[str], str]:
+        """For the model card's plain transformers/PEFT loader: lines to run first and the arguments to add to the
+        base model's `from_pretrained` (`load_kwargs` written out as code)."""
+        return [], ""
+
     def merge_source(self, model: torch.nn.Module, reload_base: Any, folder: Path) -> torch.nn.Module:
         """The model `merge` folds: by default the loaded one; `reload_base()` loads the base model afresh and
         `folder` holds the saved adapter."""

@@ -55,6 +55,19 @@ class QLoRA(LoRA):
         )
         return {"quantization_config": quantization, "dtype": torch.bfloat16}
 
+    def load_code(self, adapter_config: dict[str, Any]) -> tuple[list[str], str]:
+        skip = adapter_config.get("modules_to_save") or None  # the head trained in full stays unquantized
+        return [
+            "import torch",
+            "from transformers import BitsAndBytesConfig",
+            "",
+            "# the base in 4-bit NF4 as it trained (pip install bitsandbytes)",
+            "quantization = BitsAndBytesConfig(",
+            "    load_in_4bit=True, bnb_4bit_quant_type='nf4', bnb_4bit_use_double_quant=True,",
+            f"    bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules={skip!r},",
+            ")",
+        ], ", quantization_config=quantization, dtype=torch.bfloat16"
+
     def apply(self, model: torch.nn.Module, cfg: MethodConfig, task: TaskInfo) -> torch.nn.Module:
         from peft import prepare_model_for_kbit_training
 
