@@ -65,8 +65,9 @@ def main() -> None:
     print("| dev questions | peak RSS (MB) | / first | wall (s) | EM | F1 |")
     print("|---|---|---|---|---|---|")
     for r in rows:
+        scores = r.get("metrics", r)  # eval prints {"metrics": {...}, ...}
         print(f"| {r['questions']} | {r['peak_rss_mb']:,.0f} | {r['peak_rss_mb'] / base:.2f} | {r['wall_s']:.0f} | "
-              f"{r.get('exact_match', float('nan')):.2f} | {r.get('f1', float('nan')):.2f} |")
+              f"{scores.get('exact_match', float('nan')):.2f} | {scores.get('f1', float('nan')):.2f} |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 
