@@ -14,10 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from benchlib import last_loss, train_results
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = {
@@ -27,15 +28,11 @@ RECIPES = {
 
 
 def run(recipe: Path, overrides: list[str], out: Path) -> dict:
-    cmd = [sys.executable, "-m", "hf_finetune", "train", str(recipe), f"output_dir={out}", "--overwrite", *overrides]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
-    results = json.loads((out / "results.json").read_text())
+    results = train_results(recipe, out, overrides)
     return {
         "peak_memory_mb": results["peak_memory_mb"],
         "s_per_step": results["train_runtime_s"] / results["steps"],
-        "loss": [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x][-1],
+        "loss": last_loss(out),
         "device": results["versions"].get("device"),
         "precision": "fp32" if results["precision"] == "no" else results["precision"],
     }

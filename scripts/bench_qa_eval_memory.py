@@ -14,28 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from benchlib import measured
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "question_answering" / "squad.yaml"
-
-
-def measured(cmd: list[str]) -> tuple[float, float, str]:
-    """Peak resident set (MB) and wall time of one subprocess, and its stdout."""
-    start = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
-        child = subprocess.Popen(cmd, stdout=stdout, stderr=stderr, text=True)
-        _, status, usage = os.wait4(child.pid, 0)
-        child.returncode = os.waitstatus_to_exitcode(status)
-        stdout.seek(0), stderr.seek(0)
-        if child.returncode != 0:
-            raise SystemExit(f"{' '.join(cmd)} failed:\n{stderr.read()[-3000:]}")
-        return usage.ru_maxrss / 1024, time.perf_counter() - start, stdout.read()
 
 
 def main() -> None:

@@ -17,11 +17,12 @@ import argparse
 import json
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchlib import measured
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "classification" / "sst2.yaml"
@@ -91,17 +92,9 @@ def main() -> None:
             env = {**os.environ, "HF_DATASETS_CACHE": f"{tmp}/cache-{n}", "HF_DATASETS_OFFLINE": "1"}
             cmd = [sys.executable, __file__, "--batch", str(args.batch), "--worker", str(data), n]
             print(f"bench_tokenise: num_proc={n}", file=sys.stderr)
-            start = time.perf_counter()
-            with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
-                child = subprocess.Popen(cmd, stdout=stdout, stderr=stderr, text=True, env=env)
-                _, status, usage = os.wait4(child.pid, 0)
-                stdout.seek(0), stderr.seek(0)
-                if os.waitstatus_to_exitcode(status) != 0:
-                    raise SystemExit(f"{' '.join(cmd)} failed:\n{stderr.read()[-3000:]}")
-                figures = json.loads(stdout.read().strip().splitlines()[-1])
-            # wait4's ru_maxrss: the largest resident set of the child and of its waited-for map workers
-            rows.append({"num_proc": int(n), "wall_s": time.perf_counter() - start,
-                         "peak_rss_mb": usage.ru_maxrss / 1024, **figures})  # fmt: skip
+            peak, wall, out = measured(cmd, env)
+            figures = json.loads(out.strip().splitlines()[-1])
+            rows.append({"num_proc": int(n), "wall_s": wall, "peak_rss_mb": peak, **figures})
             print(f"bench_tokenise: {rows[-1]}", file=sys.stderr)
     print(f"{args.rows:,} rows, batch {args.batch}")
     print("| data.num_proc | tokenise (s) | rows/s | collate one epoch (s) | batches | peak RSS (MB) | wall (s) |")
