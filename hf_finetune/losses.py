@@ -25,15 +25,23 @@ def align_logits(
     return logits, labels
 
 
+def position_nll(
+    logits: torch.Tensor, labels: torch.Tensor, shift: bool, label_smoothing: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each position's negative log-likelihood in fp32 (0 where the label is -100) and the aligned labels."""
+    logits, labels = align_logits(logits, labels, shift)
+    nll = F.cross_entropy(
+        logits.float().transpose(1, 2), labels, ignore_index=-100, label_smoothing=label_smoothing, reduction="none"
+    )  # (batch, length)
+    return nll, labels
+
+
 def token_losses(
     logits: torch.Tensor, labels: torch.Tensor, shift: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row summed negative log-likelihood (nats) and scored-token count; -100 labels are not scored."""
-    logits, labels = align_logits(logits, labels, shift)
-    losses = F.cross_entropy(
-        logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none"
-    )  # (batch, length)
-    return losses.sum(1).double(), (labels != -100).sum(1)
+    nll, labels = position_nll(logits, labels, shift)
+    return nll.sum(1).double(), (labels != -100).sum(1)
 
 
 def smoothed_token_loss(
@@ -42,12 +50,9 @@ def smoothed_token_loss(
     """Token cross-entropy with label smoothing (transformers' models compute theirs without it): the mean, or with
     `reduction="sum"` the sum and the scored-token count. It replaces the model's loss, so a regulariser a method adds
     to that loss (AdaLoRA's orthogonality term) is left out."""
-    logits, labels = align_logits(logits, labels, shift)
-    flat = labels.flatten()
-    loss = F.cross_entropy(
-        logits.float().flatten(0, 1), flat, ignore_index=-100, label_smoothing=label_smoothing, reduction=reduction
-    )
-    return (loss, (flat != -100).sum()) if reduction == "sum" else loss
+    nll, labels = position_nll(logits, labels, shift, label_smoothing)
+    total, count = nll.sum(), (labels != -100).sum()
+    return (total, count) if reduction == "sum" else total / count
 
 
 # Logits held at once when the output head is applied in pieces: 2^23 (32 MB in fp32). A whole batch's logits are
@@ -110,12 +115,7 @@ def token_nll(
     pass (activation checkpointing), so no more than one piece of logits is ever held."""
     vocab = getattr(head, "out_features", None) or getattr(getattr(head, "weight", None), "shape", [0])[0]
     if head is None or labels.numel() * vocab <= CHUNK_LOGITS:
-        logits, aligned = align_logits(model(**batch).logits, labels, shift)
-        nll = F.cross_entropy(
-            logits.float().transpose(1, 2), aligned, ignore_index=-100, label_smoothing=label_smoothing,
-            reduction="none",
-        )  # fmt: skip
-        return nll, aligned
+        return position_nll(model(**batch).logits, labels, shift, label_smoothing)
     with head_returns_hidden(head):
         hidden = model(**batch).logits
     hidden, aligned = align_logits(hidden, labels, shift)

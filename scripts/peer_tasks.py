@@ -4,9 +4,13 @@
     python scripts/peer_tasks.py --recipes stsb --methods full
     python scripts/peer_tasks.py --recipes conll2003 --train-samples 3000   # a subset, e.g. to check the peer itself
     python scripts/peer_tasks.py --json docs/benchmarks/peer_tasks_raw.json  # also keep every figure
+    python scripts/peer_tasks.py --recipes conll2003 --methods lora --seeds 1,2,3   # mean and spread over seeds
 
 Both sides train the embedded MiniLM on the same rows (the recipe's train split, or its first --train-samples rows)
 for one epoch with the same batch size (the recipe's) and seed, and score the recipe's validation and test splits.
+With several `--seeds` each side runs once per seed (the seed draws the head, the data order and dropout) and the
+table adds each side's mean and sample standard deviation: one epoch on a few thousand rows moves by a point or more
+with the seed alone, so a single-seed gap of that size says nothing.
 
 - ours: `hf-finetune train RECIPE method.name=M` with every default of the recipe and the method (learning rate,
   warm-up, weight decay, windows, thresholds tuned on validation).
@@ -48,7 +52,7 @@ def run_ours(cfg: dict[str, Any]) -> dict[str, Any]:
     from hf_finetune.engine import train
     from hf_finetune.recipe import load_recipe
 
-    overrides = [f"method.name={cfg['method']}", f"output_dir={cfg['out']}"]
+    overrides = [f"method.name={cfg['method']}", f"output_dir={cfg['out']}", f"training.seed={cfg['seed']}"]
     if cfg["train_samples"]:
         overrides.append(f"data.train.max_samples={cfg['train_samples']}")
     results = train(load_recipe(cfg["recipe"], overrides), overwrite=True)
@@ -98,7 +102,7 @@ def run_trainer(cfg: dict[str, Any]) -> dict[str, Any]:
     )
     from hf_finetune.recipe import MethodConfig, load_recipe
 
-    recipe = load_recipe(cfg["recipe"])
+    recipe = load_recipe(cfg["recipe"], [f"training.seed={cfg['seed']}"])
     raw = _splits(recipe, cfg["train_samples"])
     c = recipe.data.columns
     set_seed(recipe.training.seed)  # before the model loads: the head's random init
@@ -242,6 +246,7 @@ def main() -> None:
     parser.add_argument("--methods", default="full,lora", help="comma-separated methods (full, lora)")
     parser.add_argument("--sides", default="ours,trainer")
     parser.add_argument("--train-samples", type=int, default=None, help="train on the first N rows only")
+    parser.add_argument("--seeds", default=None, help="comma-separated seeds (default: the recipe's)")
     parser.add_argument("--json", type=Path, default=None, help="write every figure to this file")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -251,32 +256,59 @@ def main() -> None:
     logs = Path(tempfile.mkdtemp(prefix="peer_tasks_logs_"))
     rows = []
     for name in args.recipes.split(","):
+        from hf_finetune.recipe import load_recipe
+
+        seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [load_recipe(RECIPES[name]).training.seed]
         for method in args.methods.split(","):
-            for side in args.sides.split(","):
-                cfg = {
-                    "name": name,
-                    "recipe": str(RECIPES[name]),
-                    "method": method,
-                    "side": side,
-                    "train_samples": args.train_samples,
-                    "out": str(logs / f"{name}-{method}-{side}"),
-                }
-                print(f"peer_tasks: {name} {method} {side} ...", file=sys.stderr, flush=True)
-                result = spawn(cfg, logs / f"{name}-{method}-{side}.log")
-                rows.append({**cfg, **result})
-                if args.json:  # after every run, so an interrupted invocation keeps what it measured
-                    args.json.write_text(json.dumps(rows, indent=2, default=float) + "\n")
-    print("| recipe | method | side | lr | steps | train s | validation | test |")
-    print("|---|---|---|---|---|---|---|---|")
+            for seed in seeds:
+                for side in args.sides.split(","):
+                    tag = f"{name}-{method}-{side}-seed{seed}"
+                    cfg = {
+                        "name": name,
+                        "recipe": str(RECIPES[name]),
+                        "method": method,
+                        "side": side,
+                        "seed": seed,
+                        "train_samples": args.train_samples,
+                        "out": str(logs / tag),
+                    }
+                    print(f"peer_tasks: {name} {method} {side} seed {seed} ...", file=sys.stderr, flush=True)
+                    result = spawn(cfg, logs / f"{tag}.log")
+                    rows.append({**cfg, **result})
+                    if args.json:  # after every run, so an interrupted invocation keeps what it measured
+                        args.json.write_text(json.dumps(rows, indent=2, default=float) + "\n")
+    print("| recipe | method | side | seed | lr | steps | train s | validation | test |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         key = PRIMARY[r["name"]]
-        cells = [r["name"], r["method"], r["side"], f"{r['lr']:g}", str(r["steps"]), f"{r['train_s']:.0f}"]
+        cells = [r["name"], r["method"], r["side"], str(r["seed"]), f"{r['lr']:g}", str(r["steps"])]
         val, test = fmt(r["validation"], key), fmt(r["test"], key)
         if f"{key}_tuned" in r["validation"]:
             val += f" (tuned {fmt(r['validation'], key + '_tuned')})"
             test += f" (tuned {fmt(r['test'], key + '_tuned')})"
-        print("| " + " | ".join([*cells, f"{key} {val}", f"{key} {test}"]) + " |")
+        print("| " + " | ".join([*cells, f"{r['train_s']:.0f}", f"{key} {val}", f"{key} {test}"]) + " |")
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["name"], r["method"], r["side"]), []).append(r)
+    if any(len(g) > 1 for g in groups.values()):
+        print("\n| recipe | method | side | seeds | validation mean ± std | test mean ± std |")
+        print("|---|---|---|---|---|---|")
+        for (name, method, side), group in groups.items():
+            key = PRIMARY[name]
+            cells = [name, method, side, str(len(group))]
+            for split in ("validation", "test"):
+                values = [r[split][key] for r in group if isinstance(r[split].get(key), float)]
+                cells.append(f"{key} {mean_std(values)}" if values else "-")
+            print("| " + " | ".join(cells) + " |")
     print(f"logs: {logs}", file=sys.stderr)
+
+
+def mean_std(values: list[float]) -> str:
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return f"{mean:.4f}"
+    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    return f"{mean:.4f} ± {std:.4f}"
 
 
 if __name__ == "__main__":

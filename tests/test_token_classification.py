@@ -186,6 +186,30 @@ def test_labels_sit_on_the_first_sub_word_or_on_every_sub_word(ner_bert: Path, n
         assert [w for w in scored["word_index"][0] if w >= 0] == list(range(len(words)))
 
 
+def test_byte_level_words_are_tokenized_as_in_running_text(ner_data: Path, tmp_path: Path) -> None:
+    """A byte-level BPE (RoBERTa, GPT-2) puts a word's leading space in its first token: pre-split words must get it,
+    in training and in the tokenizer saved with the run."""
+    from transformers import AutoTokenizer
+
+    from hf_finetune.scratch import Dims, write_scratch_model
+
+    corpus = [" ".join(r["tokens"]) for r in ner_rows(400, seed=0)]
+    dims = Dims(layers=2, d_model=32, heads=4, ffn=64, max_positions=130, vocab_size=300)
+    roberta = write_scratch_model(tmp_path / "roberta", "roberta", corpus, dims, seed=0)
+    words = ["carol", "jones", "said", "bob", "smithson"]
+    plain = AutoTokenizer.from_pretrained(roberta)
+    running = plain(" " + " ".join(words), add_special_tokens=False)["input_ids"]
+    assert plain(words, is_split_into_words=True, add_special_tokens=False)["input_ids"] != running
+    out = tmp_path / "run"
+    raw = ner_recipe(roberta, ner_data, out, **{"method.name": "full", "training.epochs": 1})
+    task = get_task(recipe_from_dict(raw), AutoTokenizer.from_pretrained(roberta))
+    encoded = task.features([words], None, training=False)
+    assert [i for i in encoded["input_ids"][0] if i not in plain.all_special_ids] == running
+    train_capturing(raw)
+    saved = AutoTokenizer.from_pretrained(out / "model")
+    assert saved(words, is_split_into_words=True, add_special_tokens=False)["input_ids"] == running
+
+
 def test_a_long_row_is_windowed_and_every_word_scored_once(ner_bert: Path, ner_data: Path, tmp_path: Path) -> None:
     task = task_for(ner_bert, ner_data, tmp_path, **{"training.max_length": 16, "token_classification.stride": 4})
     from datasets import Dataset, DatasetDict

@@ -37,6 +37,44 @@ MODEL_KEYS = ("input_ids", "token_type_ids", "attention_mask")
 WORD = re.compile(r"\w+(?:['’-]\w+)*|[^\w\s]")
 
 
+def words_spaced(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """The tokenizer, changed in place so that each pre-split word is encoded as it is inside running text.
+
+    Byte-level BPE (GPT-2, RoBERTa, Llama 3) and sentencepiece's "first" Metaspace put a word's leading space into its
+    first token; a pre-split word has none, so every word would be tokenized as if it began the text ("said" as
+    "s", "aid" instead of "Ġsaid"). run_ner.py loads such tokenizers with add_prefix_space=True for this reason; a
+    generic fast tokenizer ignores that argument, so the pre-tokenizer itself is rewritten (and saved with the run).
+    """
+    import json
+
+    from tokenizers import Tokenizer
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or backend.pre_tokenizer is None:
+        return tokenizer
+    whole = json.loads(backend.to_str())
+    spec = whole["pre_tokenizer"]
+    changed = False
+
+    def respace(node: dict) -> None:
+        nonlocal changed
+        if node.get("type") == "ByteLevel" and node.get("add_prefix_space") is False:
+            node["add_prefix_space"], changed = True, True
+        elif node.get("type") == "Metaspace" and node.get("prepend_scheme") == "first":
+            node["prepend_scheme"], changed = "always", True
+        for child in node.get("pretokenizers") or []:
+            respace(child)
+
+    respace(spec)
+    if changed:
+        # tokenizers builds a pre-tokenizer only as part of a whole tokenizer
+        backend.pre_tokenizer = Tokenizer.from_str(json.dumps(whole)).pre_tokenizer
+        # saved into tokenizer_config.json: RobertaTokenizer and kin rebuild their pre-tokenizer from it on load
+        tokenizer.init_kwargs["add_prefix_space"] = True
+        tokenizer.add_prefix_space = True
+    return tokenizer
+
+
 @dataclass
 class TokenCollator:
     """Dynamic padding to the device's rule: inputs with the tokenizer's pad id, labels with -100; `feature_index`
@@ -104,6 +142,9 @@ class TokenClassificationTask(TaskBase):
         inner = getattr(feature, "feature", None) or (feature[0] if isinstance(feature, list) and feature else None)
         names = getattr(inner, "names", None)
         return list(names) if names else self.cfg.label_names
+
+    def setup(self, tokenizer: PreTrainedTokenizerBase, padding: Padding) -> None:
+        super().setup(words_spaced(tokenizer), padding)
 
     def prepare(self, raw: DatasetDict) -> None:
         """Every split becomes columns id/words/tags (tag names), each row checked: words are non-empty strings, one
