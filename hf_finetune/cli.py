@@ -177,6 +177,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    corpus = getattr(args, "forgetting", None)
+    if corpus and "=" in corpus and not Path(corpus).exists():
+        # `--forgetting` takes an optional CORPUS, so argparse hands it the override that follows the bare flag
+        from hf_finetune.recipe import DEFAULT_FORGETTING_CORPUS
+
+        args.forgetting, args.overrides = DEFAULT_FORGETTING_CORPUS, [corpus, *args.overrides]
     return args
 
 

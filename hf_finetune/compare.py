@@ -703,6 +703,11 @@ def compare(
     search = base.compare.lr_search or (LrSearchConfig() if search_lr else None)
     compute_text = compute_matched or base.compare.compute_matched
     compute = compute_budget.parse(compute_text) if compute_text else None
+    corpus = forgetting or base.compare.forgetting
+    if corpus:
+        from hf_finetune.forgetting import corpus_texts
+
+        corpus_texts(corpus, 1)  # a missing corpus fails now, not after every run has trained
     if dry:
         print(dry_run(base, runs, search))
         return {"runs": runs, "paths": {}}
@@ -717,7 +722,6 @@ def compare(
     if compute is not None:
         spent = compute_budget.apply(runs, compute, Path(base.output_dir), lambda batch: execute(batch, train_fn))
     execute(runs, train_fn)
-    corpus = forgetting or base.compare.forgetting
     forgot = measure_forgetting(base, runs, corpus) if corpus else None
     # the task's ranking metric as the runs report it: a classification run's depends on its labels (accuracy,
     # multi-label micro-F1, regression Pearson)

@@ -91,3 +91,27 @@ def test_a_causal_body_transplanted_unchanged_scores_the_same_and_a_changed_one_
     with torch.no_grad():
         reference = load_lm(str(tiny_gpt2))(**scored[0]).loss.item()
     assert lm_loss(load_lm(str(tiny_gpt2)), scored[:1], causal=True) == pytest.approx(reference, rel=1e-5)
+
+
+def test_a_missing_corpus_fails_before_any_run_trains(tiny_bert: Path, tmp_path: Path) -> None:
+    from hf_finetune.errors import InputError
+
+    raw = tiny_recipe(tiny_bert, tmp_path, tmp_path / "cmp", **{"training.max_steps": 2})
+    write_jsonl(tmp_path / "train.jsonl", sentences(32, seed=1))
+    write_jsonl(tmp_path / "validation.jsonl", sentences(8, seed=2))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(json.dumps(raw))
+    trained = []
+    with pytest.raises(InputError, match="--forgetting nowhere.txt: no such text file"):
+        compare(str(recipe), ["full"], [1], forgetting="nowhere.txt", train_fn=trained.append)
+    assert trained == [] and not (tmp_path / "cmp").exists()
+
+
+def test_an_override_after_a_bare_forgetting_flag_stays_an_override() -> None:
+    from hf_finetune.cli import parse
+    from hf_finetune.recipe import DEFAULT_FORGETTING_CORPUS
+
+    args = parse(["compare", "r.yaml", "--forgetting", "data.train.max_samples=40", "output_dir=o"])
+    assert args.forgetting == DEFAULT_FORGETTING_CORPUS
+    assert sorted(args.overrides) == ["data.train.max_samples=40", "output_dir=o"]
+    assert parse(["compare", "r.yaml", "--forgetting", "my.txt"]).forgetting == "my.txt"
