@@ -40,8 +40,10 @@ def check_same_training(raw: dict, tmp_path: Path) -> None:
     assert on and not off
     assert len(plain) == 4 and checked == pytest.approx(plain, rel=1e-5, abs=1e-6)
     assert checked_weights.keys() == plain_weights.keys()
+    # recomputed activations may sum in another order; Adam scales an element's last-bit gradient difference by
+    # 1/sqrt(v), so a weight moves by up to a few 1e-5 apart after 4 steps (T5 LoRA: 1.4e-5 in 1 of 1,024 elements)
     for name, value in plain_weights.items():
-        torch.testing.assert_close(checked_weights[name], value, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(checked_weights[name], value, rtol=1e-4, atol=5e-5, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("method", [m for m in LRS if m != "prefix"])
