@@ -266,3 +266,13 @@ def require_columns(dataset: Dataset, columns: dict[str, str | None], split: str
         raise InputError(
             f"data.{split}: column(s) {', '.join(missing)} not found; the split has {', '.join(dataset.column_names)}"
         )
+
+
+def class_names(dataset: Dataset | datasets.IterableDataset, column: str) -> list[str] | None:
+    """Names in id order of a column whose values are `ClassLabel` ids, or of a list column of them (a Hub dataset's
+    labels and tags); None for a column of plain values."""
+    feature = (dataset.features or {}).get(column)
+    # a List/Sequence feature holds its item type in `.feature`; a plain-list feature spec, as its only item
+    inner = getattr(feature, "feature", None) or (feature[0] if isinstance(feature, list) and feature else None)
+    names = getattr(feature, "names", None) or getattr(inner, "names", None)
+    return list(names) if names else None

@@ -135,6 +135,35 @@ def test_lists_are_multi_label_and_floats_regression(tiny_bert: Path, multi_data
         assert (task.problem_type, task.primary_metric) == (kind, primary)
 
 
+def test_class_label_ids_take_their_names_in_the_datasets_order(tiny_bert: Path, multi_data: Path, tmp_path: Path) -> None:
+    from datasets import ClassLabel, Dataset, DatasetDict, Features, List, Value
+
+    from hf_finetune.errors import InputError
+    from hf_finetune.tasks import get_task
+
+    names = ["positive", "negative", "neutral"]  # not sorted: the dataset's id order must survive
+    single = Features({"sentence": Value("string"), "label": ClassLabel(names=names)})
+    rows = [{"sentence": f"text {i}", "label": i % 3} for i in range(6)]
+    task = get_task(recipe_from_dict(tiny_recipe(tiny_bert, multi_data, tmp_path / "run")))
+    raw = DatasetDict({"train": Dataset.from_list(rows, features=single), "validation": Dataset.from_list(rows[:3], features=single)})
+    task.prepare(raw)
+    assert task.labels == names and task.label2id == {"positive": 0, "negative": 1, "neutral": 2}
+    assert raw["validation"]["label"] == ["positive", "negative", "neutral"]
+    # glue's hidden test labels are -1: no name, so the label check names the row
+    hidden = Dataset.from_dict({"sentence": ["a", "b"], "label": [0, -1]}, features=single)
+    task = get_task(recipe_from_dict(tiny_recipe(tiny_bert, multi_data, tmp_path / "run")))
+    with pytest.raises(InputError, match=r"data.validation row 1: label '-1' not among the training labels"):
+        task.prepare(DatasetDict({"train": Dataset.from_list(rows, features=single), "validation": hidden}))
+    # multi-label: a list of ClassLabel ids per row, as go_emotions stores them
+    multi = Features({"sentence": Value("string"), "label": List(ClassLabel(names=names))})
+    rows = [{"sentence": f"text {i}", "label": [i % 3, (i + 1) % 3]} for i in range(6)]
+    task = get_task(recipe_from_dict(tiny_recipe(tiny_bert, multi_data, tmp_path / "run")))
+    raw = DatasetDict({"train": Dataset.from_list(rows, features=multi)})
+    task.prepare(raw)
+    assert task.problem_type == "multi_label_classification" and task.labels == names
+    assert raw["train"][0]["label"] == ["positive", "negative"]
+
+
 @pytest.mark.parametrize(
     ("change", "extra", "message"),
     [

@@ -10,10 +10,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from datasets import Dataset, DatasetDict, IterableDataset
+from datasets import Dataset, DatasetDict, Features, IterableDataset, List, Value
 from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel
 
-from hf_finetune.data import require_columns, say
+from hf_finetune.data import class_names, require_columns, say
 from hf_finetune.device import RulePadding
 from hf_finetune.errors import InputError
 from hf_finetune.inference import batched_rows, gathered_outputs
@@ -68,6 +68,8 @@ class ClassificationTask(TaskBase):
         self.thresholds: list[float] | None = None
         """Multi-label: each label's decision threshold, tuned on validation or restored with the model."""
         self._restored = False
+        self.class_order: list[str] | None = None
+        """Class names in id order when the training split's labels are `ClassLabel` ids."""
         self._eval: dict[str, tuple[Dataset, list[int]]] = {}
         """The raw evaluation splits and their token lengths, for the saved predictions."""
         self.prior: list[float] | None = None
@@ -109,6 +111,7 @@ class ClassificationTask(TaskBase):
         self.metrics, self.primary_metric = KINDS[kind]
 
     def prepare(self, raw: DatasetDict) -> None:
+        self._name_class_ids(raw)
         streamed = isinstance(raw.get("train"), IterableDataset)
         if streamed:  # its first rows stand for it (it is never read whole); every later row is checked as it comes
             raw = DatasetDict({**raw, "train": Dataset.from_list(list(raw["train"].take(STREAM_CHECK_ROWS)))})
@@ -153,6 +156,31 @@ class ClassificationTask(TaskBase):
                     raise InputError(
                         f"data.{split} row {row}: label {unknown[0]!r} not among the training labels {self.labels}"
                     )
+
+    def _name_class_ids(self, raw: DatasetDict) -> None:
+        """Labels stored as `ClassLabel` ids (Hub datasets such as glue or go_emotions) become their names in every
+        split, so the model's id2label and predictions read "positive", not "1"; an id outside the names (glue's -1
+        for a hidden test label) becomes its digits and fails the label check naming its row."""
+        column = self.columns.label
+        names = class_names(raw["train"], column) if "train" in raw and column else None
+        if not names:
+            return
+        self.class_order = names
+
+        def name(v: Any) -> str:
+            return names[v] if isinstance(v, int) and 0 <= v < len(names) else str(v)
+
+        def rename(batch: dict[str, list]) -> dict[str, list]:
+            values = batch[column]
+            return {column: [[name(v) for v in x] if isinstance(x, list) else name(x) for x in values]}
+
+        for split in list(raw):
+            ds = raw[split]
+            if ds.features and column in ds.features:
+                # an explicit string feature: left to itself, map casts the names back to ClassLabel ids
+                listed = isinstance(ds.features[column], List | list)
+                text = List(Value("string")) if listed else Value("string")
+                raw[split] = ds.map(rename, batched=True, features=Features({**ds.features, column: text}))
 
     def _labels_from_evaluation(self, raw: DatasetDict) -> None:
         """A streamed training split shows only its first rows: the evaluation splits' labels join the set, which a
@@ -222,7 +250,9 @@ class ClassificationTask(TaskBase):
             raise InputError(
                 f"data.train: column {self.columns.label!r} mixes label types {sorted(map(repr, values))}"
             )
-        self.labels = sorted(values)
+        # named ids keep the dataset's class order; other labels are sorted
+        order = self.class_order
+        self.labels = [v for v in order if v in values] if order else sorted(values)
         if len(self.labels) < 2:
             raise InputError(f"data.train: column {self.columns.label!r} has a single label {self.labels}")
 

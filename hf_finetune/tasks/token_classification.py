@@ -18,7 +18,7 @@ from accelerate import Accelerator
 from datasets import Dataset, DatasetDict
 from transformers import AutoModelForTokenClassification, PreTrainedModel, PreTrainedTokenizerBase
 
-from hf_finetune.data import require_columns
+from hf_finetune.data import class_names, require_columns
 from hf_finetune.device import Padding, right_pad
 from hf_finetune.errors import InputError
 from hf_finetune.inference import batched_rows, gathered_outputs
@@ -137,11 +137,7 @@ class TokenClassificationTask(TaskBase):
 
     def _names(self, ds: Dataset) -> list[str] | None:
         """Tag names for int tags: the split's ClassLabel feature, else `token_classification.label_names`."""
-        feature = ds.features.get(self.columns.tags)
-        # a List/Sequence feature holds its item type in `.feature`; a plain-list feature spec, as its only item
-        inner = getattr(feature, "feature", None) or (feature[0] if isinstance(feature, list) and feature else None)
-        names = getattr(inner, "names", None)
-        return list(names) if names else self.cfg.label_names
+        return class_names(ds, self.columns.tags) or self.cfg.label_names
 
     def setup(self, tokenizer: PreTrainedTokenizerBase, padding: Padding) -> None:
         super().setup(words_spaced(tokenizer), padding)
