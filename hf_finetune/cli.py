@@ -101,8 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
         "the grid, budget and rungs)",
     )  # fmt: skip
     compare.add_argument(
-        "--forgetting", nargs="?", const=DEFAULT_FORGETTING_CORPUS, metavar="CORPUS",
-        help=f"measure each run's LM-loss increase on a general text file (default {DEFAULT_FORGETTING_CORPUS}, in ../shared/data)",
+        "--forgetting", action="store_true",
+        help=f"measure each run's LM-loss increase on general text ({DEFAULT_FORGETTING_CORPUS} in ../shared/data)",
+    )  # fmt: skip
+    compare.add_argument(
+        "--forgetting-corpus", metavar="FILE",
+        help="the text file --forgetting scores (implies --forgetting)",
     )  # fmt: skip
     compare.add_argument(
         "--compute-matched", metavar="time=SECONDS|tokens=N",
@@ -177,12 +181,6 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
-    corpus = getattr(args, "forgetting", None)
-    if corpus and "=" in corpus and not Path(corpus).exists():
-        # `--forgetting` takes an optional CORPUS, so argparse hands it the override that follows the bare flag
-        from hf_finetune.recipe import DEFAULT_FORGETTING_CORPUS
-
-        args.forgetting, args.overrides = DEFAULT_FORGETTING_CORPUS, [corpus, *args.overrides]
     return args
 
 
@@ -248,6 +246,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from hf_finetune.compare import compare
+    from hf_finetune.recipe import DEFAULT_FORGETTING_CORPUS
 
     def split(text: str | None, kind: type) -> list | None:
         if not text:
@@ -265,7 +264,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         per_method=args.set,
         budget_matched=args.budget_matched,
         search_lr=args.lr_search,
-        forgetting=args.forgetting,
+        forgetting=args.forgetting_corpus or (DEFAULT_FORGETTING_CORPUS if args.forgetting else None),
         compute_matched=args.compute_matched,
         dry=args.dry_run,
     )

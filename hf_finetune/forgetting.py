@@ -37,7 +37,7 @@ def corpus_texts(path: str, samples: int, min_words: int = 20) -> list[str]:
     skipped): a fixed, ordered sample."""
     local = resolve_path(path)
     if local is None or not local.is_file():
-        raise InputError(f"--forgetting {path}: no such text file (relative paths are looked up in ../shared/data)")
+        raise InputError(f"forgetting corpus {path}: no such text file (relative paths are looked up in ../shared/data)")
     texts = []
     with local.open(encoding="utf-8") as f:
         for line in f:

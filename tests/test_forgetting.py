@@ -102,16 +102,15 @@ def test_a_missing_corpus_fails_before_any_run_trains(tiny_bert: Path, tmp_path:
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(json.dumps(raw))
     trained = []
-    with pytest.raises(InputError, match="--forgetting nowhere.txt: no such text file"):
+    with pytest.raises(InputError, match="forgetting corpus nowhere.txt: no such text file"):
         compare(str(recipe), ["full"], [1], forgetting="nowhere.txt", train_fn=trained.append)
     assert trained == [] and not (tmp_path / "cmp").exists()
 
 
-def test_an_override_after_a_bare_forgetting_flag_stays_an_override() -> None:
+def test_the_forgetting_flag_takes_no_value_and_the_corpus_has_its_own_option() -> None:
     from hf_finetune.cli import parse
-    from hf_finetune.recipe import DEFAULT_FORGETTING_CORPUS
 
     args = parse(["compare", "r.yaml", "--forgetting", "data.train.max_samples=40", "output_dir=o"])
-    assert args.forgetting == DEFAULT_FORGETTING_CORPUS
+    assert args.forgetting and args.forgetting_corpus is None
     assert sorted(args.overrides) == ["data.train.max_samples=40", "output_dir=o"]
-    assert parse(["compare", "r.yaml", "--forgetting", "my.txt"]).forgetting == "my.txt"
+    assert parse(["compare", "r.yaml", "--forgetting-corpus", "my.txt"]).forgetting_corpus == "my.txt"
