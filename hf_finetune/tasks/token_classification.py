@@ -8,6 +8,7 @@ the window where it has the most context on both sides.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from datasets import Dataset, DatasetDict
+from tokenizers import Tokenizer
 from transformers import AutoModelForTokenClassification, PreTrainedModel, PreTrainedTokenizerBase
 
 from hf_finetune.data import class_names, require_columns
@@ -45,10 +47,6 @@ def words_spaced(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     "s", "aid" instead of "Ġsaid"). run_ner.py loads such tokenizers with add_prefix_space=True for this reason; a
     generic fast tokenizer ignores that argument, so the pre-tokenizer itself is rewritten (and saved with the run).
     """
-    import json
-
-    from tokenizers import Tokenizer
-
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None or backend.pre_tokenizer is None:
         return tokenizer
