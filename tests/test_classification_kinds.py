@@ -149,6 +149,12 @@ def test_class_label_ids_take_their_names_in_the_datasets_order(tiny_bert: Path,
     task.prepare(raw)
     assert task.labels == names and task.label2id == {"positive": 0, "negative": 1, "neutral": 2}
     assert raw["validation"]["label"] == ["positive", "negative", "neutral"]
+    # a model trained on the bare ids keeps reading them
+    restored = get_task(recipe_from_dict(tiny_recipe(tiny_bert, multi_data, tmp_path / "run")))
+    restored.restore({"labels": [0, 1, 2], "problem_type": "single_label_classification"})
+    raw = DatasetDict({"validation": Dataset.from_list(rows[:3], features=single)})
+    restored.prepare(raw)
+    assert raw["validation"]["label"] == [0, 1, 2]
     # glue's hidden test labels are -1: no name, so the label check names the row
     hidden = Dataset.from_dict({"sentence": ["a", "b"], "label": [0, -1]}, features=single)
     task = get_task(recipe_from_dict(tiny_recipe(tiny_bert, multi_data, tmp_path / "run")))
